@@ -1,0 +1,141 @@
+"""One precise exception hierarchy; the CLI maps it to exit codes and one-line messages.
+
+Every expected failure is a ``BillingError`` whose ``str()`` is a single line that
+names the file, source, field or flag involved and, where possible, what to do next.
+Messages never contain secret values (tokens, key material): only references to them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes. Documented in the README; cron and monitoring rely on them."""
+
+    OK = 0
+    FAILED = 1  # at least one source failed, or a source is unhealthy (status)
+    CONFIG = 2  # bad registry, bad flag, bad credential reference
+    INPUT = 3  # ingest input could not be read or parsed at all; nothing written
+    STORE = 4  # database unreachable, schema too new, or another store failure
+    LOCKED = 75  # every selected source was skipped: other runs hold their locks (EX_TEMPFAIL)
+
+
+class BillingError(Exception):
+    """Base of every expected failure."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str) -> None:
+        # Keep messages to one line whatever the caller passed.
+        super().__init__(" ".join(message.split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+# --- configuration -----------------------------------------------------------------
+
+
+class ConfigError(BillingError):
+    """Bad registry, flag, environment or credential reference (exit 2)."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class RegistryError(ConfigError):
+    """The registry file is missing, unreadable or invalid."""
+
+
+class CredentialError(ConfigError):
+    """A ``*_ref`` cannot be resolved. The message names the ref, never the value."""
+
+
+class UsageError(ConfigError):
+    """A command-line flag or argument is invalid."""
+
+
+# --- input and store -----------------------------------------------------------------
+
+
+class InputError(BillingError):
+    """Ingest input cannot be read or parsed at all (exit 3); nothing was written."""
+
+    exit_code = ExitCode.INPUT
+
+
+class StoreError(BillingError):
+    """The database cannot be opened, migrated or written (exit 4)."""
+
+    exit_code = ExitCode.STORE
+
+
+class IdentityMismatchError(BillingError):
+    """Items carry a node_id/env that does not match the source they came from."""
+
+
+# --- per-source collection failures --------------------------------------------------
+# These fail one source; the collector records them and goes on with the others.
+
+
+class SourceError(BillingError):
+    """A source could not be collected. ``source_id`` is always part of the message."""
+
+    def __init__(self, source_id: str, message: str) -> None:
+        self.source_id = source_id
+        super().__init__(f"source '{source_id}': {message}")
+
+
+class TransportError(SourceError):
+    """Network-level failure (connect, timeout, reset) after retries."""
+
+
+class TLSError(TransportError):
+    """TLS handshake failed. Subclasses say why."""
+
+
+class UnknownCAError(TLSError):
+    """The server certificate does not chain to the configured CA bundle."""
+
+
+class HostnameMismatchError(TLSError):
+    """The server certificate does not match the expected name."""
+
+
+class CertificateExpiredError(TLSError):
+    """The server certificate is expired (or not yet valid)."""
+
+
+class ClientCertificateRejectedError(TLSError):
+    """The server refused our client certificate (mTLS)."""
+
+
+class AuthError(SourceError):
+    """The exporter answered 401 or 403."""
+
+
+class HTTPStatusError(SourceError):
+    """The exporter answered an unexpected HTTP status (after retries for 5xx/429)."""
+
+
+class RedirectRefusedError(SourceError):
+    """The exporter answered with a redirect; redirects are never followed."""
+
+
+class ResponseTooLargeError(SourceError):
+    """The response body exceeded the configured size cap."""
+
+
+class ProtocolError(SourceError):
+    """The response breaks the wire contract (bad JSON, cursor loop, empty has_more page)."""
+
+
+class SourceIdentityError(SourceError):
+    """A page or item names another node_id/env than the source is registered for."""
+
+
+class LockedError(BillingError):
+    """Another run holds this source's lock; the source is skipped, not failed."""
+
+    exit_code = ExitCode.LOCKED

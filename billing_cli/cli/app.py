@@ -1,0 +1,188 @@
+"""The ``billing`` command: global options, sub-commands, and the one place where failures
+become exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from billing_cli import __version__
+from billing_cli._errors import BillingError, ExitCode
+from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, resolve_db_url
+from billing_cli.cli._logging import setup_logging
+
+log = logging.getLogger("billing_cli")
+
+HELP = """\
+Exact, replay-safe traffic billing from many xray-exporter instances over HTTPS.
+
+Pulls cumulative counters from every source in the registry, turns them into per-minute
+usage buckets and an append-only rated ledger, in SQLite (default) or PostgreSQL.
+
+Examples:
+
+  billing demo                                  # a simulated fleet, end to end
+
+  billing sources list
+
+  billing collect                               # what cron runs every minute
+
+  billing status --max-lag 10m                  # for monitoring: exit 1 when unhealthy
+
+  billing --db postgresql://billing@db/billing usage --totals
+
+Global options (--registry, --db, --log-format, -v, -q) may be given anywhere on the line.
+"""
+
+app = typer.Typer(
+    name="billing",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"billing {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    registry: Annotated[
+        Path | None,
+        typer.Option(
+            "--registry",
+            envvar="BILLING_REGISTRY",
+            help="Source registry TOML file. [env: BILLING_REGISTRY; default: ./sources.toml]",
+            show_default=False,
+        ),
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="SQLite path or postgresql:// URL. "
+            "[env: BILLING_DATABASE_URL, then DATABASE_URL; default: ./billing.db]",
+            show_default=False,
+        ),
+    ] = None,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            click_type=click.Choice(["text", "json"]),
+            help="Log lines as text or one JSON object per line.",
+        ),
+    ] = "text",
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")
+    ] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    verbosity = -1 if quiet else min(verbose, 2)
+    setup_logging(log_format, verbosity)
+    ctx.obj = AppContext(
+        registry_path=registry or Path(DEFAULT_REGISTRY),
+        registry_explicit=registry is not None,
+        db_url=resolve_db_url(db),
+        log_format=log_format,
+        verbosity=verbosity,
+    )
+
+
+def _register_commands() -> None:
+    from billing_cli.cli import commands
+
+    commands.register(app)
+
+
+_register_commands()
+
+# Global options accepted after the sub-command too (``billing sources list --registry x``):
+# they are moved in front of the sub-command before click parses the line.
+_GLOBAL_WITH_VALUE = ("--registry", "--db", "--log-format")
+_GLOBAL_FLAGS = ("--verbose", "--quiet", "-q", "-v", "-vv")
+
+
+def hoist_global_options(args: Sequence[str]) -> list[str]:
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in _GLOBAL_WITH_VALUE:
+            if "=" in arg:
+                front.append(arg)
+            else:
+                front.extend(args[i : i + 2])
+                i += 1
+        elif arg in _GLOBAL_FLAGS:
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    code = run(args)
+    sys.exit(code)
+
+
+def run(args: Sequence[str]) -> int:
+    """Run the CLI and return the exit code; the single place failures become messages."""
+    try:
+        result = app(args=list(args), prog_name="billing", standalone_mode=False)
+    except BillingError as exc:
+        _print_error(exc.message)
+        return int(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        _print_error("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return int(ExitCode.CONFIG)
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # `billing usage | head`: the reader went away; that is not our failure.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        # A bug, not an expected failure: say so in one line, details at -vv.
+        log.debug("internal error", exc_info=True)
+        _print_error(
+            f"internal error: {type(exc).__name__}: {exc} (this is a bug; run with -vv for details)"
+        )
+        return 70
+    return int(result) if isinstance(result, int) else 0
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)

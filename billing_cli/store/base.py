@@ -1,0 +1,221 @@
+"""The store interface: SQLite and PostgreSQL implement it identically (DESIGN §6).
+
+The collector, ``ingest``, ``reconcile`` and the read commands only ever talk to this
+interface; a write always goes through :meth:`Store.apply`, which applies one batch of
+items (observations, buckets, ledger postings, integrity events, checkpoint) in a single
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from billing_cli.core.types import Item, Rejection, SeriesKey
+from billing_cli.pricing import Pricing
+
+RunKind = Literal["collect", "reconcile", "ingest", "demo"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Per-source fetch progress (table ``source_checkpoints``)."""
+
+    source_id: str
+    node_id: str
+    env: str
+    last_successful_until_ns: int | None
+    last_cursor: str | None
+    last_attempted_at_ns: int | None
+    last_succeeded_at_ns: int | None
+    last_error: str | None
+    consecutive_failures: int
+
+
+@dataclass(frozen=True)
+class CheckpointAdvance:
+    """Checkpoint movement committed in the same transaction as the page it covers.
+
+    ``last_successful_until_ns`` is ``None`` for a page in the middle of a chunk (only the
+    cursor moves); it is set on the chunk's last page. A store never moves
+    ``last_successful_until`` backwards (``max`` of old and new).
+    """
+
+    source_id: str
+    node_id: str
+    env: str
+    last_cursor: str | None
+    last_successful_until_ns: int | None
+    attempted_at_ns: int
+
+
+@dataclass
+class BucketChange:
+    """One bucket whose bytes changed in a batch (for reports; reconcile lists them)."""
+
+    key: SeriesKey
+    bucket_start_ns: int
+    old_uplink: int
+    old_downlink: int
+    new_uplink: int
+    new_downlink: int
+
+
+@dataclass
+class ApplyReport:
+    """What one or more applied batches did. Adding two reports sums them."""
+
+    items: int = 0
+    samples: int = 0
+    new_observations: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    anomalies: int = 0
+    buckets_changed: int = 0
+    postings: int = 0  # charge + adjustment rows appended to billing_ledger
+    adjustments: int = 0  # of which adjustments
+    adjustment_amount_nano: int = 0  # sum of adjustment amounts (10^-9 currency units)
+    charged_amount_nano: int = 0  # sum of all posted amounts
+    bucket_changes: list[BucketChange] = field(default_factory=list)
+
+    def __iadd__(self, other: ApplyReport) -> ApplyReport:
+        for name in (
+            "items",
+            "samples",
+            "new_observations",
+            "duplicates",
+            "conflicts",
+            "rejected",
+            "anomalies",
+            "buckets_changed",
+            "postings",
+            "adjustments",
+            "adjustment_amount_nano",
+            "charged_amount_nano",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.bucket_changes.extend(other.bucket_changes)
+        return self
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One unit of work for :meth:`Store.apply` (typically one exporter page)."""
+
+    items: list[Item]
+    run_id: int
+    pricing: Pricing
+    source_id: str | None = None
+    rejections: list[Rejection] = field(default_factory=list)
+    checkpoint: CheckpointAdvance | None = None
+    collect_bucket_changes: bool = False  # reconcile wants the detailed list
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Filters of ``billing usage`` / ``billing ledger``; ``None`` means no filter."""
+
+    node_id: str | None = None
+    env: str | None = None
+    uuid: str | None = None
+    since_ns: int | None = None  # inclusive, on bucket_start
+    until_ns: int | None = None  # exclusive, on bucket_start
+    series_filters: tuple[tuple[str, str], ...] = ()  # (node_id, env) pairs for --source
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    node_id: str
+    env: str
+    uuid: str
+    inbound_tag: str
+    bucket_start_ns: int
+    uplink_bytes: int
+    downlink_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.uplink_bytes + self.downlink_bytes
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    entry_id: int
+    node_id: str
+    env: str
+    uuid: str
+    inbound_tag: str
+    bucket_start_ns: int
+    revision: int
+    entry_type: Literal["charge", "adjustment"]
+    rated_bytes: int
+    amount_nano: int
+    currency: str
+    pricing_rule_version: str
+    run_id: int
+    created_at_ns: int
+
+
+@dataclass(frozen=True)
+class SourceRunResult:
+    """One source's outcome in one run (kept for ``billing status``)."""
+
+    run_id: int
+    source_id: str
+    kind: RunKind
+    started_at_ns: int
+    finished_at_ns: int
+    outcome: Literal["ok", "failed", "skipped"]
+    counts: dict[str, int]
+    error: str | None
+
+
+class Store(Protocol):
+    """Both back ends implement exactly this. Everything is UTC epoch nanoseconds."""
+
+    url_for_display: str  # never contains a password
+
+    def close(self) -> None: ...
+
+    # runs ---------------------------------------------------------------------------
+    def start_run(self, kind: RunKind, sources: list[str]) -> int: ...
+
+    def finish_run(
+        self, run_id: int, outcome: str, per_source: dict[str, SourceRunResult]
+    ) -> None: ...
+
+    def last_source_results(self) -> dict[str, SourceRunResult]: ...
+
+    # writes -------------------------------------------------------------------------
+    def apply(self, batch: Batch) -> ApplyReport: ...
+
+    def dry_run(self) -> AbstractContextManager[None]:
+        """Inside this block every ``apply`` runs in one transaction rolled back at exit."""
+        ...
+
+    # checkpoints --------------------------------------------------------------------
+    def get_checkpoint(self, source_id: str) -> Checkpoint | None: ...
+
+    def list_checkpoints(self) -> list[Checkpoint]: ...
+
+    def record_failure(
+        self, source_id: str, node_id: str, env: str, attempted_at_ns: int, error: str
+    ) -> None:
+        """Own transaction: last_attempted_at, last_error, consecutive_failures + 1."""
+        ...
+
+    def record_success(self, source_id: str, node_id: str, env: str, at_ns: int) -> None:
+        """Own transaction: last_succeeded_at, last_error cleared, consecutive_failures 0."""
+        ...
+
+    # reads --------------------------------------------------------------------------
+    def iter_usage(self, flt: RowFilter) -> Iterator[UsageRow]: ...
+
+    def iter_ledger(self, flt: RowFilter) -> Iterator[LedgerRow]: ...
+
+    def integrity_event_counts(self) -> dict[str, int]:
+        """Open integrity events per source_id (events without a source under '')."""
+        ...
