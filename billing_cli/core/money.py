@@ -40,7 +40,8 @@ def decimal_to_nano(value: Decimal | int | str) -> int:
 
 def nano_to_decimal(nano: int) -> Decimal:
     """Nano-units -> an exact ``Decimal`` in currency units with exponent -9."""
-    return Decimal(nano).scaleb(-NANO_DIGITS)
+    # Built from a string: exact at any magnitude (``scaleb`` would round to the context).
+    return Decimal(f"{nano}E-{NANO_DIGITS}")
 
 
 def format_amount(nano: int) -> str:
