@@ -1,0 +1,496 @@
+"""HTTPS transport to one exporter: TLS, auth, retries, size cap, one-line errors.
+
+One ``SourceClient`` per source holds one ``httpx.Client`` (connection reuse within a
+source, never across sources: credentials are per source). It returns raw response bodies;
+parsing the wire format is ``billing_cli.wire``'s job.
+
+Security rules kept here:
+- certificate verification is always on (see ``_tls``); ``server_name`` replaces the URL
+  host for SNI *and* hostname verification (httpx's ``sni_hostname`` extension is what
+  ``ssl`` uses as ``server_hostname``, so OpenSSL checks the certificate against it);
+- redirects are never followed;
+- the body is capped while streaming, so an oversize answer never sits in memory whole;
+- no message or log line contains the token, key material or a full URL with its query.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import tenacity
+
+from billing_cli._errors import (
+    AuthError,
+    CertificateExpiredError,
+    ClientCertificateRejectedError,
+    ConfigError,
+    CredentialError,
+    HostnameMismatchError,
+    HTTPStatusError,
+    RedirectRefusedError,
+    ResponseTooLargeError,
+    SourceError,
+    TLSError,
+    TransportError,
+    UnknownCAError,
+)
+from billing_cli._time import format_rfc3339_ns
+from billing_cli.collect._tls import (
+    ClientCertificate,
+    PemSource,
+    TLSContextError,
+    TLSFailure,
+    build_ssl_context,
+    classify_tls_error,
+    tls_reason,
+)
+from billing_cli.registry import credentials
+
+log = logging.getLogger("billing_cli.collect.transport")
+
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+DEFAULT_RETRY_ATTEMPTS = 3
+DEFAULT_TIMEOUT_S = 10.0
+WINDOW_PATH = "/v1/snapshots/window"
+LATEST_PATH = "/v1/snapshots/latest"
+# Backoff between attempts: exponential with full jitter, 0.5 s base, 10 s ceiling.
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 10.0
+
+
+class SourceLike(Protocol):
+    """The fields of the registry's ``SourceConfig`` the transport needs."""
+
+    @property
+    def source_id(self) -> str: ...
+    @property
+    def base_url(self) -> Any: ...
+    @property
+    def auth_mode(self) -> str: ...
+    @property
+    def credential_ref(self) -> str | None: ...
+    @property
+    def client_cert_ref(self) -> str | None: ...
+    @property
+    def client_key_ref(self) -> str | None: ...
+    @property
+    def ca_bundle_ref(self) -> str | None: ...
+    @property
+    def server_name(self) -> str | None: ...
+    @property
+    def request_timeout_s(self) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    source_id: str
+    base_url: str
+    auth_mode: str
+    bearer_token: str | None = field(default=None, repr=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    server_name: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    budget_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.base_url).scheme
+        if scheme == "https" and self.ssl_context is None:
+            raise ConfigError(f"source '{self.source_id}': https base_url needs a TLS context")
+        if scheme not in ("https", "http"):
+            raise ConfigError(f"source '{self.source_id}': base_url must be https://")
+        if self.retry_attempts < 1 or self.timeout_s <= 0 or self.budget_s <= 0:
+            raise ConfigError(
+                f"source '{self.source_id}': retry_attempts, timeout and budget must be positive"
+            )
+
+
+def default_budget_s(timeout_s: float, retry_attempts: int) -> float:
+    """Room for every attempt of a few requests plus backoff; the collector may pass its own."""
+    return max(120.0, timeout_s * retry_attempts * 4)
+
+
+def build_transport_config(
+    source: SourceLike,
+    defaults: object | None = None,
+    *,
+    budget_s: float | None = None,
+    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
+) -> TransportConfig:
+    """Resolve a source's refs into a ready ``TransportConfig``.
+
+    Raises ``CredentialError`` (a ref cannot be resolved, or its material is not valid
+    PEM) or ``ConfigError``. Messages name the ref, never its value.
+    """
+    sid = source.source_id
+    base_url = str(source.base_url).rstrip("/")
+    auth = source.auth_mode
+    timeout = source.request_timeout_s or getattr(defaults, "request_timeout_s", None)
+    timeout_s = float(timeout) if timeout else DEFAULT_TIMEOUT_S
+    max_bytes = getattr(source, "max_response_bytes", None) or DEFAULT_MAX_RESPONSE_BYTES
+
+    token: str | None = None
+    if "bearer" in auth:
+        if not source.credential_ref:
+            raise ConfigError(f"source '{sid}': auth_mode {auth} needs credential_ref")
+        token = credentials.resolve_secret(
+            source.credential_ref, source_id=sid, field="credential_ref"
+        )
+
+    ctx: ssl.SSLContext | None = None
+    if urlsplit(base_url).scheme == "https":
+        client: ClientCertificate | None = None
+        if "mtls" in auth:
+            if not source.client_cert_ref or not source.client_key_ref:
+                raise ConfigError(
+                    f"source '{sid}': auth_mode {auth} needs client_cert_ref and client_key_ref"
+                )
+            client = ClientCertificate(
+                cert=_pem_source(source.client_cert_ref, sid, "client_cert_ref"),
+                key=_pem_source(source.client_key_ref, sid, "client_key_ref"),
+            )
+        ca_ref = source.ca_bundle_ref or getattr(defaults, "ca_bundle_ref", None) or "system"
+        ca_pem = (
+            None
+            if ca_ref.strip() == "system"
+            else credentials.resolve_bytes(ca_ref, source_id=sid, field="ca_bundle_ref")
+        )
+        try:
+            ctx = build_ssl_context(ca_pem=ca_pem, client=client)
+        except TLSContextError as exc:
+            fields = "ca_bundle_ref" if "CA bundle" in str(exc) else "client_cert_ref/key_ref"
+            raise CredentialError(f"source '{sid}': {fields}: {exc}") from None
+
+    return TransportConfig(
+        source_id=sid,
+        base_url=base_url,
+        auth_mode=auth,
+        bearer_token=token,
+        ssl_context=ctx,
+        server_name=source.server_name or None,
+        timeout_s=timeout_s,
+        max_response_bytes=int(max_bytes),
+        retry_attempts=retry_attempts,
+        budget_s=budget_s if budget_s is not None else default_budget_s(timeout_s, retry_attempts),
+    )
+
+
+def _pem_source(ref: str, source_id: str, field_name: str) -> PemSource:
+    # Files are handed to OpenSSL by path; env: material must go through a private temp file.
+    path = credentials.file_path(ref, source_id=source_id, field=field_name)
+    if path is not None:
+        return Path(path)
+    return credentials.resolve_bytes(ref, source_id=source_id, field=field_name)
+
+
+# --- retry plumbing ----------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    """Wraps a ``SourceError`` that deserves another attempt (connect, timeout, 5xx, 429)."""
+
+    def __init__(self, error: SourceError, retry_after_s: float | None = None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+class SourceClient:
+    """HTTPS client for one source. Use as a context manager; not thread-safe."""
+
+    def __init__(
+        self,
+        config: TransportConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._sleep = sleep
+        self._clock = clock
+        self._deadline = clock() + config.budget_s
+        self._host = urlsplit(config.base_url).hostname or "?"
+        headers = {"Accept": "application/json", "User-Agent": "billing-collector"}
+        if config.bearer_token is not None:
+            headers["Authorization"] = f"Bearer {config.bearer_token}"
+        if config.server_name:
+            # Virtual-hosting proxies route by Host; the exporter's name is server_name.
+            port = urlsplit(config.base_url).port
+            headers["Host"] = f"{config.server_name}:{port}" if port else config.server_name
+        self._client = httpx.Client(
+            verify=config.ssl_context if config.ssl_context is not None else True,
+            headers=headers,
+            follow_redirects=False,
+            timeout=httpx.Timeout(config.timeout_s),
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+            transport=transport,
+            trust_env=False,  # no proxy or netrc credentials from the environment
+        )
+        self.requests_made = 0
+
+    # -- context manager --
+    def __enter__(self) -> SourceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def remaining_s(self) -> float:
+        return self._deadline - self._clock()
+
+    # -- public API --
+    def get_window(self, since_ns: int, until_ns: int, limit: int, cursor: str | None) -> bytes:
+        params: dict[str, str] = {
+            "since": format_rfc3339_ns(since_ns),
+            "until": format_rfc3339_ns(until_ns),
+            "limit": str(limit),
+        }
+        if cursor is not None:
+            params["cursor"] = cursor  # opaque: sent back byte for byte
+        return self._get(WINDOW_PATH, params)
+
+    def get_latest(self) -> bytes:
+        return self._get(LATEST_PATH, {})
+
+    # -- internals --
+    def _err(self, cls: type[SourceError], message: str) -> SourceError:
+        return cls(self.config.source_id, message)
+
+    def _get(self, path: str, params: dict[str, str]) -> bytes:
+        url = self.config.base_url + path
+        attempts = self.config.retry_attempts
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            return state.attempt_number >= attempts or self.remaining_s() <= 0
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = exc.retry_after_s if isinstance(exc, _Retryable) else None
+            if retry_after is not None:
+                delay = retry_after
+            else:
+                ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (state.attempt_number - 1))
+                delay = random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
+            return max(0.0, min(delay, self.remaining_s()))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait_s = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "%s; retrying in %.1fs (attempt %d of %d)",
+                exc,
+                wait_s,
+                state.attempt_number + 1,
+                attempts,
+            )
+
+        retrying = tenacity.Retrying(
+            stop=stop,
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            sleep=self._sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, url, params)
+        except _Retryable as exc:
+            err = exc.error
+            if self.remaining_s() <= 0:
+                raise type(err)(
+                    self.config.source_id,
+                    _strip_source(err) + f" (time budget of {self.config.budget_s:g}s used up)",
+                ) from None
+            raise type(err)(
+                self.config.source_id, _strip_source(err) + f" after {attempts} attempts"
+            ) from None
+
+    def _attempt(self, url: str, params: dict[str, str]) -> bytes:
+        remaining = self.remaining_s()
+        if remaining <= 0:
+            raise self._err(TransportError, f"time budget of {self.config.budget_s:g}s used up")
+        timeout_s = min(self.config.timeout_s, remaining)
+        extensions: dict[str, Any] = {}
+        if self.config.server_name:
+            extensions["sni_hostname"] = self.config.server_name
+        request = self._client.build_request(
+            "GET", url, params=params, extensions=extensions, timeout=httpx.Timeout(timeout_s)
+        )
+        started = self._clock()
+        self.requests_made += 1
+        try:
+            response = self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise _Retryable(
+                self._err(TransportError, f"request to {self._host} timed out after {timeout_s:g}s")
+            ) from None
+        except (httpx.TransportError, ssl.SSLError, OSError) as exc:
+            self._raise_network(exc)
+        try:
+            return self._read(response, started, timeout_s)
+        except httpx.TimeoutException:
+            raise _Retryable(
+                self._err(
+                    TransportError, f"response from {self._host} timed out after {timeout_s:g}s"
+                )
+            ) from None
+        except (httpx.TransportError, ssl.SSLError, OSError) as exc:
+            self._raise_network(exc)
+        finally:
+            response.close()
+
+    def _raise_network(self, exc: BaseException) -> NoReturn:
+        kind = classify_tls_error(exc)
+        host = self._host
+        name = self.config.server_name
+        if kind is TLSFailure.UNKNOWN_CA:
+            raise self._err(
+                UnknownCAError,
+                f"TLS: the certificate of {host} is not signed by a trusted CA; check "
+                f"ca_bundle_ref points at the CA that issued the exporter's certificate",
+            ) from None
+        if kind is TLSFailure.HOSTNAME_MISMATCH:
+            expected = name or host
+            hint = (
+                "fix server_name to a name in the exporter certificate"
+                if name
+                else "set server_name to the name in the exporter certificate"
+            )
+            raise self._err(
+                HostnameMismatchError,
+                f"TLS: the certificate of {host} is not valid for '{expected}'; {hint}",
+            ) from None
+        if kind is TLSFailure.EXPIRED:
+            raise self._err(
+                CertificateExpiredError,
+                f"TLS: the certificate of {host} is expired or not yet valid; renew the "
+                f"exporter certificate (and check this host's clock)",
+            ) from None
+        if kind is TLSFailure.CLIENT_CERT_REJECTED:
+            has_cert = "mtls" in self.config.auth_mode
+            hint = (
+                "check client_cert_ref/client_key_ref are issued by the CA the exporter trusts"
+                if has_cert
+                else 'the exporter requires mTLS: set auth_mode = "mtls" with client_cert_ref '
+                "and client_key_ref"
+            )
+            raise self._err(
+                ClientCertificateRejectedError,
+                f"TLS: {host} refused the client certificate ({tls_reason(exc)}); {hint}",
+            ) from None
+        if kind is TLSFailure.OTHER:
+            reason = tls_reason(exc)
+            raise self._err(TLSError, f"TLS handshake with {host} failed ({reason})") from None
+        # Plain network failure: worth retrying.
+        detail = _short_reason(exc)
+        what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        raise _Retryable(self._err(TransportError, f"cannot reach {host} ({what})")) from None
+
+    def _read(self, response: httpx.Response, started: float, timeout_s: float) -> bytes:
+        status = response.status_code
+        if 300 <= status < 400:
+            location = response.headers.get("location", "")
+            target = urlsplit(location).hostname or ("a relative path" if location else "nowhere")
+            raise self._err(
+                RedirectRefusedError,
+                f"exporter answered HTTP {status} redirecting to {target}; redirects are not "
+                f"followed: point base_url at the final address",
+            )
+        if status in (401, 403):
+            raise self._err(
+                AuthError,
+                f"exporter {self._host} answered HTTP {status} "
+                f"({'unauthorized' if status == 401 else 'forbidden'}); check credential_ref "
+                f"and the exporter's token/client certificate for this source",
+            )
+        if status == 429 or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            raise _Retryable(
+                self._err(HTTPStatusError, f"exporter {self._host} answered HTTP {status}"),
+                retry_after,
+            )
+        if status != 200:
+            raise self._err(
+                HTTPStatusError,
+                f"exporter {self._host} answered HTTP {status} for {response.url.path}",
+            )
+        cap = self.config.max_response_bytes
+        length = response.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            raise self._err(ResponseTooLargeError, _too_large(cap, f"Content-Length {length}"))
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > cap:
+                raise self._err(ResponseTooLargeError, _too_large(cap, "streamed body"))
+            if self._clock() - started > timeout_s:
+                raise httpx.ReadTimeout("total request time exceeded")
+        return bytes(body)
+
+
+def _too_large(cap: int, what: str) -> str:
+    return (
+        f"response exceeds max_response_bytes {cap} ({what}); lower the page limit or raise "
+        f"max_response_bytes"
+    )
+
+
+def _strip_source(err: SourceError) -> str:
+    prefix = f"source '{err.source_id}': "
+    text = str(err)
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _short_reason(exc: BaseException) -> str:
+    """First line of the underlying OS/network error, without URLs (which may carry queries)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if "://" in text or "?" in text:
+        return ""
+    return text[:120]
+
+
+__all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "SourceClient",
+    "TransportConfig",
+    "build_transport_config",
+    "parse_retry_after",
+]
