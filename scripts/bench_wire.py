@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import make_snapshots  # noqa: E402
+import make_snapshots
 
-from billing_cli.wire import iter_ingest, parse_window_page  # noqa: E402
+from billing_cli.wire import iter_ingest, parse_window_page
 
 
 def main() -> None:
