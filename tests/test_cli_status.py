@@ -1,0 +1,418 @@
+"""``billing status``: classification, exit codes and the ``--json`` schema, on both stores.
+
+The store is seeded through its public contract (runs, checkpoint advances, failures,
+rejections), exactly as the collector leaves it; ``status`` only reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from billing_cli._time import NS_PER_SECOND, now_ns, parse_rfc3339_ns
+from billing_cli.cli.status import redact_error
+from billing_cli.core.types import Rejection
+from billing_cli.pricing import Pricing
+from billing_cli.store import open_store
+from billing_cli.store.base import Batch, CheckpointAdvance, SourceRunResult
+
+MINUTE = 60 * NS_PER_SECOND
+
+REGISTRY = """\
+[defaults]
+collect_interval = "1m"
+overlap = "2m"
+ca_bundle_ref = "file:/etc/billing/ca.pem"
+
+[[sources]]
+source_id = "a"
+node_id = "node-a"
+env = "prod"
+base_url = "https://a.example.net:9550"
+auth_mode = "bearer"
+credential_ref = "env:TOKEN_A"
+
+[[sources]]
+source_id = "b"
+node_id = "node-b"
+env = "prod"
+base_url = "https://b.example.net:9550"
+auth_mode = "bearer"
+credential_ref = "env:TOKEN_B"
+collect_interval = "10m"
+
+[[sources]]
+source_id = "off"
+node_id = "node-off"
+env = "prod"
+base_url = "https://off.example.net:9550"
+enabled = false
+auth_mode = "bearer"
+credential_ref = "env:TOKEN_OFF"
+"""
+NODES = {"a": "node-a", "b": "node-b", "off": "node-off"}
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    path = tmp_path / "sources.toml"
+    path.write_text(REGISTRY)
+    return path
+
+
+def seed(
+    db: str,
+    source_id: str,
+    *,
+    lag_s: float | None = None,
+    failures: int = 0,
+    error: str = "source 'x': connect timeout",
+    rejections: int = 0,
+    counts: dict[str, int] | None = None,
+) -> None:
+    """Leave the store as a collector would: a run, a checkpoint ``lag_s`` behind, failures."""
+    node = NODES[source_id]
+    now = now_ns()
+    store = open_store(db)
+    try:
+        run_id = store.start_run("collect", [source_id])
+        if lag_s is not None or rejections:
+            until = None if lag_s is None else now - int(lag_s * NS_PER_SECOND)
+            store.apply(
+                Batch(
+                    items=[],
+                    run_id=run_id,
+                    pricing=Pricing(),
+                    source_id=source_id,
+                    rejections=[
+                        Rejection(now - i * MINUTE, node, "prod", f"u{i}", "t", "invalid sample")
+                        for i in range(rejections)
+                    ],
+                    checkpoint=None
+                    if until is None
+                    else CheckpointAdvance(source_id, node, "prod", None, until, now),
+                )
+            )
+            if lag_s is not None:
+                store.record_success(source_id, node, "prod", now)
+        for _ in range(failures):
+            store.record_failure(source_id, node, "prod", now, error)
+        outcome = "failed" if failures else "ok"
+        store.finish_run(
+            run_id,
+            outcome,
+            {
+                source_id: SourceRunResult(
+                    run_id=run_id,
+                    source_id=source_id,
+                    kind="collect",
+                    started_at_ns=now - NS_PER_SECOND,
+                    finished_at_ns=now,
+                    outcome=outcome,
+                    counts=counts if counts is not None else {"items": 3, "new_observations": 7},
+                    error=error if failures else None,
+                )
+            },
+        )
+    finally:
+        store.close()
+
+
+def status_json(cli: Any, registry: Path, db: str, *args: str) -> tuple[int, dict[str, Any]]:
+    res = cli("status", "--json", "--registry", str(registry), "--db", db, *args)
+    assert res.exit_code in (0, 1), res.output
+    return res.exit_code, json.loads(res.stdout)
+
+
+def by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["source_id"]: s for s in doc["sources"]}
+
+
+def test_all_enabled_healthy_exits_zero_and_disabled_does_not_count(
+    cli: Any, registry: Path, db_url: str
+) -> None:
+    seed(db_url, "a", lag_s=20)
+    seed(db_url, "b", lag_s=600)  # 10m interval: default max lag 22m
+    code, doc = status_json(cli, registry, db_url)
+    assert code == 0
+    assert doc["healthy"] is True
+    src = by_id(doc)
+    assert src["a"]["health"] == "healthy"
+    assert src["b"]["health"] == "healthy"
+    assert src["off"]["health"] == "disabled"
+    assert src["off"]["enabled"] is False
+    assert src["off"]["last_successful_until"] is None
+    assert doc["summary"] == {"healthy": 2, "degraded": 0, "failing": 0, "disabled": 1}
+    assert src["a"]["max_lag_seconds"] == 300  # max(2*60+120, 300)
+    assert src["b"]["max_lag_seconds"] == 1320  # 2*600+120
+    assert 19 <= src["a"]["lag_seconds"] < 60
+    assert src["a"]["last_run"]["counts"] == {"items": 3, "new_observations": 7}
+    assert src["a"]["last_run"]["outcome"] == "ok"
+
+
+def test_lagging_source_is_degraded_then_failing(cli: Any, registry: Path, db_url: str) -> None:
+    seed(db_url, "a", lag_s=8 * 60)  # > 5m
+    seed(db_url, "b", lag_s=70 * 60)  # > 3 x 22m
+    code, doc = status_json(cli, registry, db_url)
+    assert code == 1
+    assert doc["healthy"] is False
+    src = by_id(doc)
+    assert src["a"]["health"] == "degraded"
+    assert src["a"]["reasons"] == [src["a"]["reasons"][0]]
+    assert "max lag 300s" in src["a"]["reasons"][0]
+    assert src["b"]["health"] == "failing"
+    # A wider --max-lag makes both acceptable.
+    code, doc = status_json(cli, registry, db_url, "--max-lag", "2h")
+    assert code == 0
+    assert {s["health"] for s in doc["sources"] if s["enabled"]} == {"healthy"}
+    assert by_id(doc)["a"]["max_lag_seconds"] == 7200
+
+
+def test_failures_degrade_then_fail_and_errors_are_redacted(
+    cli: Any, registry: Path, db_url: str
+) -> None:
+    seed(db_url, "a", lag_s=10)
+    seed(db_url, "a", failures=1, error="source 'a': HTTP 401 (Bearer s3cr3t-t0ken-value)")
+    seed(db_url, "b", lag_s=10)
+    seed(
+        db_url,
+        "b",
+        failures=3,
+        error="source 'b': connect\nfailed https://user:hunter2@b.example.net token=abc123",
+    )
+    code, doc = status_json(cli, registry, db_url)
+    assert code == 1
+    src = by_id(doc)
+    assert src["a"]["health"] == "degraded"
+    assert src["a"]["consecutive_failures"] == 1
+    assert src["b"]["health"] == "failing"
+    assert src["b"]["consecutive_failures"] == 3
+    assert src["b"]["last_run"]["outcome"] == "failed"
+    text = json.dumps(doc)
+    for secret in ("s3cr3t-t0ken-value", "hunter2", "abc123"):
+        assert secret not in text
+    assert "\n" not in src["b"]["last_error"]
+    assert src["a"]["last_error"] == "source 'a': HTTP 401 (Bearer [redacted])"
+    table = cli("status", "--registry", str(registry), "--db", db_url)
+    assert table.exit_code == 1
+    for secret in ("s3cr3t-t0ken-value", "hunter2", "abc123"):
+        assert secret not in table.output
+    assert "failing" in table.stdout
+    assert "degraded" in table.stdout
+
+
+def test_never_collected_enabled_source_is_failing(
+    cli: Any, registry: Path, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    code, doc = status_json(cli, registry, db)
+    assert code == 1
+    b = by_id(doc)["b"]
+    assert b["health"] == "failing"
+    assert b["reasons"] == ["never collected successfully"]
+    assert b["lag_seconds"] is None
+    assert b["last_run"] is None
+    # Only source a selected: healthy.
+    code, doc = status_json(cli, registry, db, "--source", "a")
+    assert code == 0
+    assert [s["source_id"] for s in doc["sources"]] == ["a"]
+
+
+def test_open_integrity_events_are_counted_per_source(
+    cli: Any, registry: Path, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5, rejections=2)
+    seed(db, "b", lag_s=5)
+    _, doc = status_json(cli, registry, db)
+    src = by_id(doc)
+    assert src["a"]["open_integrity_events"] == 2
+    assert src["b"]["open_integrity_events"] == 0
+
+
+def test_json_schema_field_names_and_types(cli: Any, registry: Path, tmp_path: Path) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    _, doc = status_json(cli, registry, db)
+    assert set(doc) == {
+        "schema_version",
+        "generated_at",
+        "healthy",
+        "summary",
+        "unattributed_integrity_events",
+        "sources",
+    }
+    assert doc["schema_version"] == 1
+    assert doc["generated_at"].endswith("Z")
+    assert abs(parse_rfc3339_ns(doc["generated_at"]) - now_ns()) < 60 * NS_PER_SECOND
+    assert isinstance(doc["healthy"], bool)
+    assert isinstance(doc["unattributed_integrity_events"], int)
+    types: dict[str, tuple[type, ...]] = {
+        "source_id": (str,),
+        "node_id": (str,),
+        "env": (str,),
+        "enabled": (bool,),
+        "health": (str,),
+        "reasons": (list,),
+        "lag_seconds": (float, int, type(None)),
+        "max_lag_seconds": (float, int),
+        "last_successful_until": (str, type(None)),
+        "last_succeeded_at": (str, type(None)),
+        "last_attempted_at": (str, type(None)),
+        "consecutive_failures": (int,),
+        "last_error": (str, type(None)),
+        "open_integrity_events": (int,),
+        "last_run": (dict, type(None)),
+    }
+    for s in doc["sources"]:
+        assert set(s) == set(types), s
+        for name, allowed in types.items():
+            assert isinstance(s[name], allowed), (name, s[name])
+        assert s["health"] in ("healthy", "degraded", "failing", "disabled")
+        for ts in ("last_successful_until", "last_succeeded_at", "last_attempted_at"):
+            if s[ts] is not None:
+                assert s[ts].endswith("Z")
+                parse_rfc3339_ns(s[ts])
+    run = by_id(doc)["a"]["last_run"]
+    assert set(run) == {
+        "run_id",
+        "kind",
+        "outcome",
+        "started_at",
+        "finished_at",
+        "duration_seconds",
+        "counts",
+        "error",
+    }
+    assert isinstance(run["run_id"], int)
+    assert run["kind"] == "collect"
+    assert run["started_at"].endswith("Z")
+    assert run["finished_at"].endswith("Z")
+    assert run["duration_seconds"] == pytest.approx(1.0)
+    assert all(isinstance(v, int) for v in run["counts"].values())
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--source", "nope"), "--source"),
+        (("--max-lag", "soon"), "--max-lag"),
+        (("--max-lag", "0s"), "--max-lag"),
+    ],
+)
+def test_configuration_errors_exit_two(
+    cli: Any, registry: Path, tmp_path: Path, args: tuple[str, ...], needle: str
+) -> None:
+    res = cli("status", "--registry", str(registry), "--db", str(tmp_path / "b.db"), *args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert "Traceback" not in res.output
+
+
+def test_missing_or_broken_registry_exits_two(cli: Any, tmp_path: Path) -> None:
+    res = cli("status", "--registry", str(tmp_path / "missing.toml"))
+    assert res.exit_code == 2
+    assert "missing.toml" in res.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[sources]]\nsource_id = "x"\n')
+    res = cli("status", "--registry", str(bad))
+    assert res.exit_code == 2
+    assert "bad.toml" in res.stderr
+
+
+def test_quiet_prints_nothing_but_keeps_the_exit_code(
+    cli: Any, registry: Path, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    res = cli("-q", "status", "--registry", str(registry), "--db", db)
+    assert res.exit_code == 1  # b never collected
+    assert res.stdout == ""
+
+
+def test_redact_error_keeps_one_line_and_hides_credentials() -> None:
+    assert redact_error(None) is None
+    assert redact_error("  a\n b\tc ") == "a b c"
+    assert redact_error("Authorization: xyz") == "Authorization: [redacted]"
+    assert redact_error("got -----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY----- x") == (
+        "got [redacted key] x"
+    )
+    assert redact_error("https://u:p4ss@h/x") == "https://u:[redacted]@h/x"
+    assert redact_error("source 'a': HTTP 503 after 3 attempts") == (
+        "source 'a': HTTP 503 after 3 attempts"
+    )
+
+
+# --- scripts/check_billing_status: the monitoring check over `billing status --json` -------
+
+CHECK = Path(__file__).resolve().parent.parent / "scripts" / "check_billing_status"
+BILLING = Path(sys.executable).parent / "billing"
+
+
+def run_check(registry: Path, db: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DATABASE_URL"))}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(CHECK),
+            "--billing",
+            str(BILLING),
+            *args,
+            "--",
+            "--registry",
+            str(registry),
+            "--db",
+            db,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_check_script_maps_health_to_nagios_codes(registry: Path, tmp_path: Path) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    seed(db, "b", lag_s=5)
+    ok = run_check(registry, db)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("BILLING OK - 2/2 enabled sources healthy, 1 disabled |")
+    assert "lag_a=" in ok.stdout
+    assert "failing=0" in ok.stdout
+
+    seed(db, "a", failures=1, error="source 'a': HTTP 503")
+    warn = run_check(registry, db)
+    assert warn.returncode == 1, warn.stdout
+    assert warn.stdout.startswith("BILLING WARNING - 1/2 enabled sources healthy, degraded: a")
+    assert "a: degraded: 1 consecutive failure(s) (last error: source 'a': HTTP 503)" in warn.stdout
+
+    seed(db, "b", failures=3, error="source 'b': connect timeout")
+    crit = run_check(registry, db)
+    assert crit.returncode == 2, crit.stdout
+    assert "failing: b" in crit.stdout.splitlines()[0]
+    # Only the healthy-but-degraded source selected: WARNING again.
+    assert run_check(registry, db, "--source", "a").returncode == 1
+
+
+def test_check_script_is_unknown_when_billing_cannot_tell(registry: Path, tmp_path: Path) -> None:
+    db = str(tmp_path / "billing.db")
+    res = run_check(registry, db, "--source", "nope")
+    assert res.returncode == 3, res.stdout
+    assert res.stdout.startswith("BILLING UNKNOWN - billing status exited 2: error:")
+    missing = subprocess.run(
+        [sys.executable, str(CHECK), "--billing", str(tmp_path / "no-billing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 3
+    assert "not found" in missing.stdout
