@@ -1,0 +1,92 @@
+"""Stores: ``open_store(url)`` picks the back end (DESIGN §6).
+
+A ``postgresql://`` or ``postgres://`` URL selects PostgreSQL; ``sqlite:///path`` or any
+plain path selects a SQLite file. Every failure to open is a one-line ``StoreError`` that
+shows the URL with its password redacted.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from billing_cli._errors import StoreError
+from billing_cli.store.base import Store
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password (userinfo or ``password=`` parameter) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^@/]*@", "//***@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def open_store(url: str) -> Store:
+    """Open (and migrate on first use) the store at ``url``."""
+    m = _SCHEME.match(url)
+    scheme = m.group(1).lower() if m else None
+    if scheme in ("postgresql", "postgres"):
+        return _open_postgres(url)
+    if scheme is not None and scheme != "sqlite":
+        raise StoreError(
+            f"unsupported database URL {redact_url(url)!r}: use postgresql://... or a SQLite "
+            "file path (--db / BILLING_DATABASE_URL)"
+        )
+    path = url[len("sqlite://") :] if scheme == "sqlite" else url
+    if scheme == "sqlite" and path.startswith("/") and not path.startswith("//"):
+        path = path[1:] or ":memory:"  # sqlite:///rel.db -> rel.db; sqlite:////abs -> /abs
+    elif scheme == "sqlite":
+        path = path[1:]
+    return _open_sqlite(path)
+
+
+def _open_sqlite(path: str) -> Store:
+    from billing_cli.store.sqlite import SQLiteStore
+
+    if not path:
+        raise StoreError("empty database path: pass --db FILE or set BILLING_DATABASE_URL")
+    if path != ":memory:":
+        parent = Path(path).expanduser().parent
+        if not parent.is_dir():
+            raise StoreError(
+                f"database {path}: directory {parent} does not exist;"
+                " create it or pass another --db"
+            )
+        path = str(Path(path).expanduser())
+    try:
+        return SQLiteStore(path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"database {path}: cannot open SQLite file: {exc}") from None
+
+
+def _open_postgres(url: str) -> Store:
+    import psycopg
+
+    from billing_cli.store.postgres import PostgresStore
+
+    shown = redact_url(url)
+    try:
+        return PostgresStore(url, shown)
+    except psycopg.Error as exc:
+        # psycopg messages can echo connection parameters; keep the first line only and
+        # never the raw URL.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "password" in first.lower():
+            first = "authentication failed"
+        raise StoreError(f"database {shown}: cannot connect: {first}") from None
+
+
+__all__ = ["open_store", "redact_url"]

@@ -1,0 +1,811 @@
+"""The store algorithm shared by SQLite and PostgreSQL, over a thin dialect layer.
+
+Everything that decides *what* is written lives here, once: grouping a batch by series,
+reading heads and late-item windows in bulk, metering through
+:func:`billing_cli.core.metering.diff_series`, bucket arithmetic, re-rating and ledger
+postings, integrity events and the checkpoint. A :class:`Dialect` only knows *how* to
+talk to its database (placeholders, key sets, bulk writes, transactions).
+
+Hot path per page: one read of the series rows (heads) of every touched series, one
+read of the stored windows of late series only, one read of the existing buckets that
+can exist (minutes at or before the head), then one bulk write per table. Never a query
+per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, cast
+
+from billing_cli._errors import StoreError
+from billing_cli._time import NS_PER_SECOND, now_ns
+from billing_cli.core import ledger, rating
+from billing_cli.core.metering import diff_series, minute_of
+from billing_cli.core.types import Observation, SeriesKey
+from billing_cli.pricing import Pricing
+from billing_cli.store.base import (
+    ApplyReport,
+    Batch,
+    BucketChange,
+    Checkpoint,
+    LedgerRow,
+    RowFilter,
+    RunKind,
+    SourceRunResult,
+    UsageRow,
+)
+from billing_cli.store.schema import SCHEMA_VERSION, migrations
+
+Row = tuple[Any, ...]
+KeyCol = tuple[str, Literal["bigint", "text"]]
+
+
+class Dialect(ABC):
+    """How to talk to one database; no billing logic here."""
+
+    name: Literal["sqlite", "postgres"]
+    errors: tuple[type[Exception], ...]
+    order_collate: str = ""  # appended to ORDER BY text columns (binary order everywhere)
+
+    @abstractmethod
+    def q(self, sql: str) -> str:
+        """Rewrite ``?`` placeholders for this driver."""
+
+    @abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abstractmethod
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]: ...
+
+    @abstractmethod
+    def keyset(
+        self, name: str, cols: Sequence[KeyCol], rows: Sequence[Row]
+    ) -> tuple[str, list[Any]]:
+        """A CTE fragment ``name(cols) AS (...)`` holding ``rows``, and its parameters."""
+
+    keyset_chunk: int = 5000  # rows per key-set query
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[None]:
+        """One atomic unit; inside :meth:`dry_run` a savepoint."""
+
+    @abstractmethod
+    def dry_run(self) -> AbstractContextManager[None]: ...
+
+    @abstractmethod
+    def insert_observations(self, rows: Sequence[Row]) -> None:
+        """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id)."""
+
+    @abstractmethod
+    def update_heads(self, rows: Sequence[Row]) -> None:
+        """Rows: (collected_at_ns, uplink, downlink, epoch, series_id)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def migration_lock(self) -> None:  # noqa: B027 - optional hook, SQLite needs none
+        """Serialise concurrent first-use migrations (inside the migration transaction)."""
+
+
+class _Series(NamedTuple):
+    series_id: int
+    email: str
+    head: Observation | None
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One bucket being changed in this batch (bytes and derived rating state)."""
+
+    series_id: int
+    key: SeriesKey
+    start: int
+    uplink: int
+    downlink: int
+    rated: int
+    amount: int
+    revision: int
+    existed: bool
+    old_uplink: int
+    old_downlink: int
+    rating_dirty: bool = False  # rating state changed, bytes did not (quota re-rating)
+
+
+_EVENT_SQL = (
+    "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
+    " source_id, run_id, detail, created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+_SERIES_COLS = (
+    "s.series_id, s.node_id, s.env, s.uuid, s.inbound_tag, s.email,"
+    " s.head_collected_at_ns, s.head_uplink, s.head_downlink, s.head_epoch"
+)
+
+
+def _period_end_ns(period_start: int, pricing: Pricing) -> int:
+    # 32 days after a month start is always inside the next month.
+    return rating.period_start_ns(period_start + 32 * 86400 * NS_PER_SECOND, pricing)
+
+
+class SqlStore:
+    """The :class:`~billing_cli.store.base.Store` implementation for both back ends."""
+
+    def __init__(self, db: Dialect, url_for_display: str) -> None:
+        self.db = db
+        self.url_for_display = url_for_display
+        # The collector may share one store between threads; one operation at a time.
+        self._lock = threading.RLock()
+        with self._guard("migrate the schema"):
+            self._migrate()
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        with self._lock:
+            try:
+                yield
+            except self.db.errors as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise StoreError(
+                    f"database {self.url_for_display}: could not {what}: {first}"
+                ) from None
+
+    def _migrate(self) -> None:
+        with self.db.transaction():
+            self.db.migration_lock()
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = self.db.execute("SELECT max(version) FROM schema_version")
+            current = int(rows[0][0] or 0)
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.url_for_display} has schema version {current}, newer than "
+                    f"this billing supports ({SCHEMA_VERSION}); upgrade billing"
+                )
+            for version, statements in migrations(self.db.name):
+                if version <= current:
+                    continue
+                for stmt in statements:
+                    self.db.execute(stmt)
+                self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    def _keyset_query(
+        self, sql: str, name: str, cols: Sequence[KeyCol], rows: Sequence[Row]
+    ) -> list[Row]:
+        """Run ``WITH <keyset> <sql>`` over ``rows`` in chunks; concatenate the results."""
+        out: list[Row] = []
+        step = self.db.keyset_chunk
+        for i in range(0, len(rows), step):
+            frag, params = self.db.keyset(name, cols, rows[i : i + step])
+            out.extend(self.db.execute(f"WITH {frag} {sql}", params))
+        return out
+
+    def close(self) -> None:
+        self.db.close()
+
+    def dry_run(self) -> AbstractContextManager[None]:
+        return self.db.dry_run()
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start_run(self, kind: RunKind, sources: list[str]) -> int:
+        with self._guard("start a run"), self.db.transaction():
+            rows = self.db.execute(
+                "INSERT INTO runs (kind, sources, started_at_ns) VALUES (?,?,?) RETURNING run_id",
+                (kind, json.dumps(sources), now_ns()),
+            )
+            return int(rows[0][0])
+
+    def finish_run(self, run_id: int, outcome: str, per_source: dict[str, SourceRunResult]) -> None:
+        with self._guard("finish a run"), self.db.transaction():
+            self.db.execute(
+                "UPDATE runs SET finished_at_ns = ?, outcome = ? WHERE run_id = ?",
+                (now_ns(), outcome, run_id),
+            )
+            self.db.executemany(
+                "INSERT INTO run_sources (run_id, source_id, kind, started_at_ns, finished_at_ns,"
+                " outcome, counts, error) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (run_id, source_id) DO UPDATE SET kind = excluded.kind,"
+                " started_at_ns = excluded.started_at_ns, finished_at_ns = excluded.finished_at_ns,"
+                " outcome = excluded.outcome, counts = excluded.counts, error = excluded.error",
+                [
+                    (
+                        run_id,
+                        sid,
+                        r.kind,
+                        r.started_at_ns,
+                        r.finished_at_ns,
+                        r.outcome,
+                        json.dumps(r.counts, sort_keys=True),
+                        r.error,
+                    )
+                    for sid, r in per_source.items()
+                ],
+            )
+
+    def last_source_results(self) -> dict[str, SourceRunResult]:
+        with self._guard("read run results"):
+            rows = self.db.execute(
+                "SELECT r.run_id, r.source_id, r.kind, r.started_at_ns, r.finished_at_ns,"
+                " r.outcome, r.counts, r.error FROM run_sources r WHERE r.run_id ="
+                " (SELECT max(r2.run_id) FROM run_sources r2 WHERE r2.source_id = r.source_id)"
+            )
+        return {
+            row[1]: SourceRunResult(
+                run_id=int(row[0]),
+                source_id=row[1],
+                kind=cast(RunKind, row[2]),
+                started_at_ns=int(row[3]),
+                finished_at_ns=int(row[4]),
+                outcome=cast(Literal["ok", "failed", "skipped"], row[5]),
+                counts={str(k): int(v) for k, v in json.loads(row[6]).items()},
+                error=row[7],
+            )
+            for row in rows
+        }
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    _CP_COLS = (
+        "source_id, node_id, env, last_successful_until_ns, last_cursor, last_attempted_at_ns,"
+        " last_succeeded_at_ns, last_error, consecutive_failures"
+    )
+
+    @staticmethod
+    def _checkpoint(row: Row) -> Checkpoint:
+        return Checkpoint(
+            source_id=row[0],
+            node_id=row[1],
+            env=row[2],
+            last_successful_until_ns=None if row[3] is None else int(row[3]),
+            last_cursor=row[4],
+            last_attempted_at_ns=None if row[5] is None else int(row[5]),
+            last_succeeded_at_ns=None if row[6] is None else int(row[6]),
+            last_error=row[7],
+            consecutive_failures=int(row[8]),
+        )
+
+    def get_checkpoint(self, source_id: str) -> Checkpoint | None:
+        with self._guard("read a checkpoint"):
+            rows = self.db.execute(
+                f"SELECT {self._CP_COLS} FROM source_checkpoints WHERE source_id = ?",
+                (source_id,),
+            )
+        return self._checkpoint(rows[0]) if rows else None
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        with self._guard("read checkpoints"):
+            rows = self.db.execute(
+                f"SELECT {self._CP_COLS} FROM source_checkpoints"
+                f" ORDER BY source_id{self.db.order_collate}"
+            )
+        return [self._checkpoint(r) for r in rows]
+
+    def record_failure(
+        self, source_id: str, node_id: str, env: str, attempted_at_ns: int, error: str
+    ) -> None:
+        with self._guard("record a failure"), self.db.transaction():
+            self.db.execute(
+                "INSERT INTO source_checkpoints (source_id, node_id, env, last_attempted_at_ns,"
+                " last_error, consecutive_failures) VALUES (?,?,?,?,?,1)"
+                " ON CONFLICT (source_id) DO UPDATE SET node_id = excluded.node_id,"
+                " env = excluded.env, last_attempted_at_ns = excluded.last_attempted_at_ns,"
+                " last_error = excluded.last_error,"
+                " consecutive_failures = source_checkpoints.consecutive_failures + 1",
+                (source_id, node_id, env, attempted_at_ns, error),
+            )
+
+    def record_success(self, source_id: str, node_id: str, env: str, at_ns: int) -> None:
+        with self._guard("record a success"), self.db.transaction():
+            self.db.execute(
+                "INSERT INTO source_checkpoints (source_id, node_id, env, last_succeeded_at_ns,"
+                " consecutive_failures) VALUES (?,?,?,?,0)"
+                " ON CONFLICT (source_id) DO UPDATE SET node_id = excluded.node_id,"
+                " env = excluded.env, last_succeeded_at_ns = excluded.last_succeeded_at_ns,"
+                " last_error = NULL, consecutive_failures = 0",
+                (source_id, node_id, env, at_ns),
+            )
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _where(self, flt: RowFilter, time_col: str) -> tuple[str, list[Any]]:
+        conds: list[str] = []
+        params: list[Any] = []
+        for col, val in (("node_id", flt.node_id), ("env", flt.env), ("uuid", flt.uuid)):
+            if val is not None:
+                conds.append(f"s.{col} = ?")
+                params.append(val)
+        if flt.since_ns is not None:
+            conds.append(f"{time_col} >= ?")
+            params.append(flt.since_ns)
+        if flt.until_ns is not None:
+            conds.append(f"{time_col} < ?")
+            params.append(flt.until_ns)
+        if flt.series_filters:
+            conds.append(
+                "(" + " OR ".join("(s.node_id = ? AND s.env = ?)" for _ in flt.series_filters) + ")"
+            )
+            for node_id, env in flt.series_filters:
+                params.extend((node_id, env))
+        return (" AND ".join(conds) or "1 = 1"), params
+
+    def _order(self, *cols: str) -> str:
+        c = self.db.order_collate
+        return ", ".join(f"{col}{c}" if col.startswith("s.") else col for col in cols)
+
+    def iter_usage(self, flt: RowFilter) -> Iterator[UsageRow]:
+        where, params = self._where(flt, "b.bucket_start_ns")
+        sql = (
+            "SELECT s.node_id, s.env, s.uuid, s.inbound_tag, b.bucket_start_ns, b.uplink_bytes,"
+            " b.downlink_bytes FROM buckets b JOIN series s ON s.series_id = b.series_id"
+            f" WHERE (b.uplink_bytes <> 0 OR b.downlink_bytes <> 0) AND {where} ORDER BY "
+            + self._order("b.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag")
+        )
+        with self._guard("read usage"):
+            for r in self.db.stream(sql, params):
+                yield UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
+
+    def iter_ledger(self, flt: RowFilter) -> Iterator[LedgerRow]:
+        where, params = self._where(flt, "l.bucket_start_ns")
+        sql = (
+            "SELECT l.entry_id, s.node_id, s.env, s.uuid, s.inbound_tag, l.bucket_start_ns,"
+            " l.revision, l.entry_type, l.rated_bytes, l.amount_nano, l.currency,"
+            " l.pricing_rule_version, l.run_id, l.created_at_ns"
+            " FROM ledger_postings l JOIN series s ON s.series_id = l.series_id"
+            f" WHERE {where} ORDER BY "
+            + self._order(
+                "l.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag", "l.revision"
+            )
+        )
+        with self._guard("read the ledger"):
+            for r in self.db.stream(sql, params):
+                yield LedgerRow(
+                    entry_id=int(r[0]),
+                    node_id=r[1],
+                    env=r[2],
+                    uuid=r[3],
+                    inbound_tag=r[4],
+                    bucket_start_ns=int(r[5]),
+                    revision=int(r[6]),
+                    entry_type=cast(Literal["charge", "adjustment"], r[7]),
+                    rated_bytes=int(r[8]),
+                    amount_nano=int(r[9]),
+                    currency=r[10],
+                    pricing_rule_version=r[11],
+                    run_id=int(r[12]),
+                    created_at_ns=int(r[13]),
+                )
+
+    def integrity_event_counts(self) -> dict[str, int]:
+        with self._guard("read integrity events"):
+            rows = self.db.execute(
+                "SELECT COALESCE(source_id, ''), count(*) FROM integrity_events"
+                " WHERE acknowledged_at_ns IS NULL GROUP BY COALESCE(source_id, '')"
+            )
+        return {r[0]: int(r[1]) for r in rows}
+
+    # --- apply ----------------------------------------------------------------------------
+
+    def apply(self, batch: Batch) -> ApplyReport:
+        with self._guard("apply a batch"), self.db.transaction():
+            return self._apply(batch)
+
+    def _load_series(
+        self, per_key: dict[SeriesKey, list[Observation]], emails: dict[SeriesKey, str]
+    ) -> dict[SeriesKey, _Series]:
+        cols: list[KeyCol] = [
+            ("node_id", "text"),
+            ("env", "text"),
+            ("uuid", "text"),
+            ("inbound_tag", "text"),
+        ]
+        sql = (
+            f"SELECT {_SERIES_COLS} FROM k JOIN series s ON s.node_id = k.node_id"
+            " AND s.env = k.env AND s.uuid = k.uuid AND s.inbound_tag = k.inbound_tag"
+        )
+
+        def load(keys: Sequence[SeriesKey]) -> dict[SeriesKey, _Series]:
+            found: dict[SeriesKey, _Series] = {}
+            for r in self._keyset_query(sql, "k", cols, keys):
+                head = None if r[6] is None else Observation(int(r[6]), int(r[7]), int(r[8]), r[9])
+                found[SeriesKey(r[1], r[2], r[3], r[4])] = _Series(int(r[0]), r[5], head)
+            return found
+
+        series = load(list(per_key))
+        missing = [k for k in per_key if k not in series]
+        if missing:
+            self.db.executemany(
+                "INSERT INTO series (node_id, env, uuid, inbound_tag, email) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (node_id, env, uuid, inbound_tag) DO NOTHING",
+                [(*k, emails[k]) for k in missing],
+            )
+            series.update(load(missing))
+        renamed = [
+            (emails[k], s.series_id)
+            for k, s in series.items()
+            if emails[k] and emails[k] != s.email
+        ]
+        if renamed:  # keep the latest email an exporter reported for the series
+            self.db.executemany("UPDATE series SET email = ? WHERE series_id = ?", renamed)
+        return series
+
+    def _load_windows(self, late: list[Row]) -> dict[int, list[Observation]]:
+        """Stored observations of each late series from the predecessor of its earliest
+        new observation through the successor of its latest one, in one query."""
+        if not late:
+            return {}
+        sql = (
+            "SELECT o.series_id, o.collected_at_ns, o.uplink_total, o.downlink_total,"
+            " o.counter_epoch FROM w JOIN observations o ON o.series_id = w.sid"
+            " AND o.collected_at_ns >= COALESCE((SELECT max(p.collected_at_ns) FROM observations p"
+            "   WHERE p.series_id = w.sid AND p.collected_at_ns < w.lo), w.lo)"
+            " AND o.collected_at_ns <= COALESCE((SELECT min(p.collected_at_ns) FROM observations p"
+            "   WHERE p.series_id = w.sid AND p.collected_at_ns > w.hi), w.hi)"
+            " ORDER BY o.series_id, o.collected_at_ns"
+        )
+        out: dict[int, list[Observation]] = {}
+        cols: list[KeyCol] = [("sid", "bigint"), ("lo", "bigint"), ("hi", "bigint")]
+        for r in self._keyset_query(sql, "w", cols, late):
+            out.setdefault(int(r[0]), []).append(Observation(int(r[1]), int(r[2]), int(r[3]), r[4]))
+        return out
+
+    def _load_buckets(self, wanted: list[Row]) -> dict[tuple[int, int], Row]:
+        if not wanted:
+            return {}
+        sql = (
+            "SELECT b.series_id, b.bucket_start_ns, b.uplink_bytes, b.downlink_bytes,"
+            " b.rated_bytes, b.amount_nano, b.revision FROM k JOIN buckets b"
+            " ON b.series_id = k.sid AND b.bucket_start_ns = k.m"
+        )
+        cols: list[KeyCol] = [("sid", "bigint"), ("m", "bigint")]
+        return {(int(r[0]), int(r[1])): r for r in self._keyset_query(sql, "k", cols, wanted)}
+
+    def _apply(self, batch: Batch) -> ApplyReport:
+        now = now_ns()
+        run_id, source_id = batch.run_id, batch.source_id
+        report = ApplyReport(items=len(batch.items), rejected=len(batch.rejections))
+        events: list[Row] = [
+            (
+                "rejected",
+                r.node_id,
+                r.env,
+                r.uuid,
+                r.inbound_tag,
+                r.collected_at_ns,
+                source_id,
+                run_id,
+                r.reason,
+                now,
+            )
+            for r in batch.rejections
+        ]
+
+        # 1. Group the page by series (delivery order kept: the first value wins).
+        per_key: dict[SeriesKey, list[Observation]] = {}
+        emails: dict[SeriesKey, str] = {}
+        samples = 0
+        for item in batch.items:
+            t, ep, node, env = item.collected_at_ns, item.counter_epoch, item.node_id, item.env
+            samples += len(item.samples)
+            for s in item.samples:
+                key = SeriesKey(node, env, s.uuid, s.inbound_tag)
+                obs = Observation(t, s.uplink_total, s.downlink_total, ep)
+                lst = per_key.get(key)
+                if lst is None:
+                    per_key[key] = [obs]
+                else:
+                    lst.append(obs)
+                emails[key] = s.email
+        report.samples = samples
+
+        if per_key:
+            self._apply_observations(batch, per_key, emails, report, events, now)
+
+        if events:
+            self.db.executemany(_EVENT_SQL, events)
+        if batch.checkpoint is not None:
+            cp = batch.checkpoint
+            self.db.execute(
+                "INSERT INTO source_checkpoints (source_id, node_id, env, last_cursor,"
+                " last_successful_until_ns, last_attempted_at_ns, consecutive_failures)"
+                " VALUES (?,?,?,?,?,?,0) ON CONFLICT (source_id) DO UPDATE SET"
+                " node_id = excluded.node_id, env = excluded.env,"
+                " last_cursor = excluded.last_cursor,"
+                " last_successful_until_ns = CASE"
+                "  WHEN excluded.last_successful_until_ns IS NULL"
+                "   THEN source_checkpoints.last_successful_until_ns"
+                "  WHEN source_checkpoints.last_successful_until_ns IS NULL"
+                "   OR excluded.last_successful_until_ns"
+                "    > source_checkpoints.last_successful_until_ns"
+                "   THEN excluded.last_successful_until_ns"
+                "  ELSE source_checkpoints.last_successful_until_ns END,"
+                " last_attempted_at_ns = excluded.last_attempted_at_ns",
+                (
+                    cp.source_id,
+                    cp.node_id,
+                    cp.env,
+                    cp.last_cursor,
+                    cp.last_successful_until_ns,
+                    cp.attempted_at_ns,
+                ),
+            )
+        return report
+
+    def _apply_observations(
+        self,
+        batch: Batch,
+        per_key: dict[SeriesKey, list[Observation]],
+        emails: dict[SeriesKey, str],
+        report: ApplyReport,
+        events: list[Row],
+        now: int,
+    ) -> None:
+        run_id, source_id = batch.run_id, batch.source_id
+        series = self._load_series(per_key, emails)
+
+        # 2. Late series (an observation at or before the head) need their stored window.
+        late: list[Row] = []
+        for key, obs in per_key.items():
+            head = series[key].head
+            if head is None:
+                continue
+            ts = [o.collected_at_ns for o in obs]
+            lo = min(ts)
+            if lo <= head.collected_at_ns:
+                late.append((series[key].series_id, lo, max(ts)))
+        windows = self._load_windows(late)
+
+        # 3. Meter each series.
+        obs_rows: list[Row] = []
+        head_rows: list[Row] = []
+        changes: list[tuple[int, SeriesKey, int, int, int]] = []
+        maybe_existing: list[Row] = []
+        for key, obs in per_key.items():
+            sid, _, head = series[key]
+            window = windows.get(sid)
+            if window is None:
+                window = [head] if head is not None else []
+            d = diff_series(window, obs)
+            report.duplicates += d.duplicates
+            for o in d.inserted:
+                obs_rows.append(
+                    (
+                        sid,
+                        o.collected_at_ns,
+                        o.uplink_total,
+                        o.downlink_total,
+                        o.counter_epoch,
+                        run_id,
+                        source_id,
+                    )
+                )
+            report.new_observations += len(d.inserted)
+            if d.new_head is not None:
+                h = d.new_head
+                head_rows.append(
+                    (h.collected_at_ns, h.uplink_total, h.downlink_total, h.counter_epoch, sid)
+                )
+            head_minute = minute_of(head.collected_at_ns) if head is not None else None
+            for m, (du, dd) in d.bucket_deltas.items():
+                changes.append((sid, key, m, du, dd))
+                # A bucket can only exist at or before the head's minute.
+                if head_minute is not None and m <= head_minute:
+                    maybe_existing.append((sid, m))
+            for c in d.conflicts:
+                report.conflicts += 1
+                events.append(
+                    ("conflict", *key, c.refused.collected_at_ns, source_id, run_id, c.detail, now)
+                )
+            for a in d.anomalies:
+                report.anomalies += 1
+                events.append(
+                    ("anomaly", *key, a.cur.collected_at_ns, source_id, run_id, a.detail, now)
+                )
+
+        # 4. New bucket values.
+        existing = self._load_buckets(maybe_existing)
+        buckets: list[_Bucket] = []
+        for sid, key, m, du, dd in changes:
+            row = existing.get((sid, m))
+            if row is None:
+                b = _Bucket(sid, key, m, du, dd, 0, 0, 0, False, 0, 0)
+            else:
+                up, down = int(row[2]), int(row[3])
+                b = _Bucket(
+                    sid,
+                    key,
+                    m,
+                    up + du,
+                    down + dd,
+                    int(row[4]),
+                    int(row[5]),
+                    int(row[6]),
+                    True,
+                    up,
+                    down,
+                )
+            if b.uplink < 0 or b.downlink < 0:
+                # Impossible by construction; refuse rather than store a negative bucket.
+                raise StoreError(
+                    f"internal metering error: bucket {key} at {m} would become negative"
+                )
+            buckets.append(b)
+
+        # 5. Re-rate and post.
+        postings, rerated = self._rate(batch.pricing, buckets, report)
+        ledger_rows = [
+            (
+                b.series_id,
+                b.start,
+                p.revision,
+                p.entry_type,
+                p.rated_bytes,
+                p.amount_nano,
+                batch.pricing.currency,
+                batch.pricing.rule_version,
+                run_id,
+                now,
+            )
+            for b, p in postings
+        ]
+
+        # 6. One bulk write per table.
+        if obs_rows:
+            self.db.insert_observations(obs_rows)
+        if head_rows:
+            self.db.update_heads(head_rows)
+        inserts: list[Row] = []
+        updates: list[Row] = []
+        deletes: list[Row] = []
+        for b in [*buckets, *rerated]:
+            if not b.existed:
+                inserts.append(
+                    (b.series_id, b.start, b.uplink, b.downlink, b.rated, b.amount, b.revision)
+                )
+            elif b.uplink == 0 and b.downlink == 0 and b.revision == 0:
+                deletes.append((b.series_id, b.start))
+            else:
+                # A posted bucket that drops to zero bytes stays as a row (its revision
+                # numbers the next posting); readers only see non-zero buckets.
+                updates.append(
+                    (b.uplink, b.downlink, b.rated, b.amount, b.revision, b.series_id, b.start)
+                )
+        if inserts:
+            self.db.executemany(
+                "INSERT INTO buckets (series_id, bucket_start_ns, uplink_bytes, downlink_bytes,"
+                " rated_bytes, amount_nano, revision) VALUES (?,?,?,?,?,?,?)",
+                inserts,
+            )
+        if updates:
+            self.db.executemany(
+                "UPDATE buckets SET uplink_bytes = ?, downlink_bytes = ?, rated_bytes = ?,"
+                " amount_nano = ?, revision = ? WHERE series_id = ? AND bucket_start_ns = ?",
+                updates,
+            )
+        if deletes:
+            self.db.executemany(
+                "DELETE FROM buckets WHERE series_id = ? AND bucket_start_ns = ?", deletes
+            )
+        if ledger_rows:
+            self.db.executemany(
+                "INSERT INTO ledger_postings (series_id, bucket_start_ns, revision, entry_type,"
+                " rated_bytes, amount_nano, currency, pricing_rule_version, run_id,"
+                " created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                ledger_rows,
+            )
+
+        changed = [b for b in buckets if (b.uplink, b.downlink) != (b.old_uplink, b.old_downlink)]
+        report.buckets_changed += len(changed)
+        if batch.collect_bucket_changes:
+            report.bucket_changes.extend(
+                BucketChange(b.key, b.start, b.old_uplink, b.old_downlink, b.uplink, b.downlink)
+                for b in changed
+            )
+
+    # --- rating ---------------------------------------------------------------------------
+
+    def _rate(
+        self, pricing: Pricing, buckets: list[_Bucket], report: ApplyReport
+    ) -> tuple[list[tuple[_Bucket, ledger.Posting]], list[_Bucket]]:
+        """Re-rate changed buckets (and, under an included quota, the later buckets of the
+        same uuid and period); update each bucket's rating state. Returns the postings and
+        the unchanged-bytes buckets whose rating moved (their state must be written)."""
+        rater = rating.rater_for(pricing)
+        out: list[tuple[_Bucket, ledger.Posting]] = []
+        quota_groups: dict[tuple[str, int], list[_Bucket]] = {}
+        has_quota = pricing.has_included_quota
+        for b in buckets:
+            if has_quota and pricing.included_for(b.key.uuid) > 0:
+                ps = rating.period_start_ns(b.start, pricing)
+                quota_groups.setdefault((b.key.uuid, ps), []).append(b)
+                continue
+            new, _ = rater.rate_bucket(rating.BucketForRating(b.key, b.start, b.uplink, b.downlink))
+            self._post(b, new, out, report)
+        rerated: list[_Bucket] = []
+        for (uuid, ps), group in quota_groups.items():
+            in_batch = {id(b) for b in group}
+            for b, new in self._rate_quota_tail(pricing, uuid, ps, group):
+                self._post(b, new, out, report)
+                if b.rating_dirty and id(b) not in in_batch:
+                    rerated.append(b)
+        return out, rerated
+
+    @staticmethod
+    def _post(
+        b: _Bucket,
+        new: rating.Rating,
+        out: list[tuple[_Bucket, ledger.Posting]],
+        report: ApplyReport,
+    ) -> None:
+        p = ledger.next_posting(b.rated, b.amount, b.revision, new)
+        if p is None:
+            return
+        out.append((b, p))
+        b.rated += p.rated_bytes
+        b.amount += p.amount_nano
+        b.revision += 1
+        b.rating_dirty = True
+        report.postings += 1
+        report.charged_amount_nano += p.amount_nano
+        if p.entry_type == "adjustment":
+            report.adjustments += 1
+            report.adjustment_amount_nano += p.amount_nano
+
+    def _rate_quota_tail(
+        self, pricing: Pricing, uuid: str, period_start: int, changed: list[_Bucket]
+    ) -> list[tuple[_Bucket, rating.Rating]]:
+        """Ratings for one uuid's buckets in one period from the earliest changed bucket on.
+
+        The quota is consumed in canonical order (bucket start, then series key), so a
+        change can move the rating of every later bucket of the uuid in the period. The
+        stored tail is read once and merged with the changed buckets of this batch; the
+        charged bytes before the tail come from one SUM query.
+        """
+        first = min(changed, key=lambda b: (b.start, b.key))
+        end = _period_end_ns(period_start, pricing)
+        sums = self.db.execute(
+            "SELECT COALESCE(SUM(b.uplink_bytes), 0), COALESCE(SUM(b.downlink_bytes), 0)"
+            " FROM buckets b JOIN series s ON s.series_id = b.series_id"
+            " WHERE s.uuid = ? AND b.bucket_start_ns >= ? AND b.bucket_start_ns < ?",
+            (uuid, period_start, first.start),
+        )
+        # charged_bytes is linear in (uplink, downlink), so it applies to the sums.
+        consumed = rating.charged_bytes(pricing, int(sums[0][0]), int(sums[0][1]))
+        tail_rows = self.db.execute(
+            "SELECT b.series_id, s.node_id, s.env, s.uuid, s.inbound_tag, b.bucket_start_ns,"
+            " b.uplink_bytes, b.downlink_bytes, b.rated_bytes, b.amount_nano, b.revision"
+            " FROM buckets b JOIN series s ON s.series_id = b.series_id"
+            " WHERE s.uuid = ? AND b.bucket_start_ns >= ? AND b.bucket_start_ns < ?",
+            (uuid, first.start, end),
+        )
+        by_id: dict[tuple[int, int], _Bucket] = {(b.series_id, b.start): b for b in changed}
+        seq: list[_Bucket] = list(changed)
+        first_pos = (first.start, first.key)
+        for r in tail_rows:
+            sid, start = int(r[0]), int(r[5])
+            if (sid, start) in by_id:
+                continue
+            key = SeriesKey(r[1], r[2], r[3], r[4])
+            up, down = int(r[6]), int(r[7])
+            if (start, key) < first_pos:
+                # Same minute as the first change but canonically before it: consumed.
+                consumed += rating.charged_bytes(pricing, up, down)
+                continue
+            b = _Bucket(sid, key, start, up, down, int(r[8]), int(r[9]), int(r[10]), True, up, down)
+            by_id[(sid, start)] = b
+            seq.append(b)
+        seq.sort(key=lambda b: (b.start, b.key))
+        ratings = rating.rate_sequence(
+            pricing,
+            uuid,
+            [rating.BucketForRating(b.key, b.start, b.uplink, b.downlink) for b in seq],
+            consumed,
+        )
+        return list(zip(seq, ratings, strict=True))

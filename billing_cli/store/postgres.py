@@ -1,0 +1,110 @@
+"""PostgreSQL back end (psycopg 3): same schema semantics and results as SQLite.
+
+One transaction per ``apply``; observations go in with COPY, heads with one
+``UPDATE ... FROM unnest(...)``. Key sets are arrays passed to ``unnest`` so a page's
+lookups are one statement with a handful of parameters, whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal
+
+import psycopg
+
+from billing_cli.store._common import Dialect, KeyCol, Row, SqlStore
+
+
+class PostgresDialect(Dialect):
+    name: Literal["sqlite", "postgres"] = "postgres"
+    errors = (psycopg.Error,)
+    order_collate = ' COLLATE "C"'  # byte order, identical to SQLite's BINARY collation
+    keyset_chunk = 50_000
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        self._sql: dict[str, str] = {}
+
+    def q(self, sql: str) -> str:
+        out = self._sql.get(sql)
+        if out is None:
+            out = sql.replace("%", "%%").replace("?", "%s")
+            self._sql[sql] = out
+        return out
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self.conn.cursor() as cur:
+            if params:
+                cur.execute(self.q(sql), params)
+            else:
+                cur.execute(sql)  # no parameters: the text is used verbatim (DDL)
+            return cur.fetchall() if cur.description else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self.q(sql), rows)
+
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        with self.conn.cursor() as cur:
+            yield from cur.stream(self.q(sql), params)
+
+    def keyset(
+        self, name: str, cols: Sequence[KeyCol], rows: Sequence[Row]
+    ) -> tuple[str, list[Any]]:
+        arrays = ", ".join(f"?::{t}[]" for _, t in cols)  # placeholders rewritten by q()
+        names = ", ".join(c for c, _ in cols)
+        params: list[Any] = [list(col) for col in zip(*rows, strict=True)]
+        return f"{name}({names}) AS (SELECT * FROM unnest({arrays}))", params
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        # Nested inside dry_run() psycopg turns this into a savepoint.
+        with self.conn.transaction():
+            yield
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self._tx()
+
+    @contextmanager
+    def _dry_run(self) -> Iterator[None]:
+        with self.conn.transaction(force_rollback=True):
+            yield
+
+    def dry_run(self) -> AbstractContextManager[None]:
+        return self._dry_run()
+
+    def migration_lock(self) -> None:
+        # Two first-use processes must not both create the schema.
+        self.execute("SELECT pg_advisory_xact_lock(?)", (0x62696C6C,))
+
+    def insert_observations(self, rows: Sequence[Row]) -> None:
+        with (
+            self.conn.cursor() as cur,
+            cur.copy(
+                "COPY observations (series_id, collected_at_ns, uplink_total, downlink_total,"
+                " counter_epoch, run_id, source_id) FROM STDIN"
+            ) as copy,
+        ):
+            for r in rows:
+                copy.write_row(r)
+
+    def update_heads(self, rows: Sequence[Row]) -> None:
+        t, up, down, ep, sid = (list(c) for c in zip(*rows, strict=True))
+        self.execute(
+            "UPDATE series s SET head_collected_at_ns = v.t, head_uplink = v.up,"
+            " head_downlink = v.down, head_epoch = v.ep"
+            " FROM unnest(?::bigint[], ?::bigint[], ?::bigint[], ?::text[], ?::bigint[])"
+            " AS v(t, up, down, ep, sid) WHERE s.series_id = v.sid",
+            (t, up, down, ep, sid),
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class PostgresStore(SqlStore):
+    """A PostgreSQL database selected by a ``postgresql://`` URL."""
+
+    def __init__(self, url: str, url_for_display: str) -> None:
+        super().__init__(PostgresDialect(url), url_for_display)

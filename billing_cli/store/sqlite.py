@@ -1,0 +1,123 @@
+"""SQLite back end (the default): a file opened through sqlite-utils, WAL journal.
+
+Durability choice: ``journal_mode=WAL`` with ``synchronous=NORMAL``. A killed process
+never loses or half-applies a committed transaction (the WAL is written before COMMIT
+returns; an interrupted transaction is simply absent on the next open). Only an OS crash
+or power loss can drop the last few *committed* pages — and then their checkpoints go
+with them (same transaction), so the next collect re-fetches them: invariant 4 holds and
+FULL's per-commit fsync is not worth its cost on the ingest hot path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal
+
+import sqlite_utils
+
+from billing_cli.store._common import Dialect, KeyCol, Row, SqlStore
+
+# SQLite's default limit of host parameters per statement is 32766.
+_MAX_PARAMS = 30000
+
+
+class SQLiteDialect(Dialect):
+    name: Literal["sqlite", "postgres"] = "sqlite"
+    errors = (sqlite3.Error,)
+    keyset_chunk = _MAX_PARAMS // 4  # rows of up to 4 columns stay under the limit
+
+    def __init__(self, path: str) -> None:
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        conn.execute("PRAGMA busy_timeout = 30000")
+        if path != ":memory:":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # The version table is created through sqlite-utils; migrations then run as
+        # explicit DDL inside one transaction (see SqlStore._migrate).
+        self.db.table("schema_version").create({"version": int}, if_not_exists=True)
+        self._dry = False
+
+    def q(self, sql: str) -> str:
+        return sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        yield from self.conn.execute(sql, params)
+
+    def keyset(
+        self, name: str, cols: Sequence[KeyCol], rows: Sequence[Row]
+    ) -> tuple[str, list[Any]]:
+        one = "(" + ",".join("?" * len(cols)) + ")"
+        names = ", ".join(c for c, _ in cols)
+        params = [v for r in rows for v in r]
+        return f"{name}({names}) AS (VALUES {','.join([one] * len(rows))})", params
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        if self._dry:
+            self.conn.execute("SAVEPOINT apply")
+            try:
+                yield
+            except BaseException:
+                self.conn.execute("ROLLBACK TO apply")
+                self.conn.execute("RELEASE apply")
+                raise
+            self.conn.execute("RELEASE apply")
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self._tx()
+
+    @contextmanager
+    def _dry_run(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._dry = True
+        try:
+            yield
+        finally:
+            self._dry = False
+            self.conn.execute("ROLLBACK")
+
+    def dry_run(self) -> AbstractContextManager[None]:
+        return self._dry_run()
+
+    def insert_observations(self, rows: Sequence[Row]) -> None:
+        self.conn.executemany(
+            "INSERT INTO observations (series_id, collected_at_ns, uplink_total, downlink_total,"
+            " counter_epoch, run_id, source_id) VALUES (?,?,?,?,?,?,?)",
+            rows,
+        )
+
+    def update_heads(self, rows: Sequence[Row]) -> None:
+        self.conn.executemany(
+            "UPDATE series SET head_collected_at_ns = ?, head_uplink = ?, head_downlink = ?,"
+            " head_epoch = ? WHERE series_id = ?",
+            rows,
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SQLiteStore(SqlStore):
+    """The default store: one SQLite file."""
+
+    def __init__(self, path: str, url_for_display: str | None = None) -> None:
+        super().__init__(SQLiteDialect(path), url_for_display or path)
