@@ -1,0 +1,465 @@
+"""``billing collect``: pull every due source once, apply, checkpoint, report (DESIGN §7).
+
+Cron runs it every minute. Per selected source:
+
+1. **Due?** A source whose ``collect_interval`` has not elapsed since its last attempt is
+   "not due" and skipped quietly (a little slack absorbs cron start jitter). Sources named
+   with ``--source`` are always due.
+2. **Lock.** A non-blocking per-source lock (file next to SQLite, advisory lock with
+   PostgreSQL); a source another run holds is *skipped*, not failed.
+3. **Pull** ``[last_successful_until - overlap, now)`` (first run: ``now -
+   initial_lookback`` or ``--since``) in chunks, page by page, each page committed with its
+   checkpoint (see ``billing_cli.collect.collector``).
+
+Exit codes: 0 every processed source ok; 1 at least one failed (the others still
+committed); 2 configuration error; 75 every selected source was skipped because other
+runs hold their locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from billing_cli._errors import ExitCode, UsageError
+from billing_cli._time import (
+    NS_PER_SECOND,
+    TimeFormatError,
+    format_duration,
+    format_rfc3339_ns,
+    now_ns,
+    parse_duration_seconds,
+    parse_time_arg,
+)
+from billing_cli.cli._context import AppContext, get_context
+from billing_cli.collect.collector import (
+    PullSettings,
+    PullTask,
+    SourceOutcome,
+    run_sources,
+    transport_client_factory,
+)
+from billing_cli.collect.locks import Locker, SourceLock, locker_for
+from billing_cli.store.base import Checkpoint, SourceRunResult, Store
+
+HELP = """\
+Pull every due source once and apply what it returns (what cron runs every minute).
+
+Per source: from the checkpoint minus the overlap (first run: the initial lookback or
+--since) up to now, in chunks, page by page; each page is committed together with the
+source's checkpoint, so a crash never loses or double-counts anything. Sources run
+concurrently; one failing source never stops the others. A source another run is still
+collecting is skipped, not failed. A source whose collect_interval has not elapsed since
+its last attempt is not due and is skipped quietly (unless named with --source).
+
+Exit codes: 0 all processed sources ok; 1 at least one source failed (the others were
+still committed); 2 configuration error; 75 every selected source was skipped because
+other runs hold their locks.
+
+Examples:
+
+  billing collect                                   # every due enabled source
+
+  billing collect --source node-a --source node-b   # just these two, due or not
+
+  billing collect --since 2026-11-24T00:00:00Z      # first run: start there, not 1h ago
+
+  billing collect --json | jq '.sources[] | select(.status != "ok")'
+
+  * * * * * billing -q collect                      # crontab: silent unless a source fails
+"""
+
+# A source is due when at least interval - slack has elapsed since its last attempt, so a
+# cron job firing a second early still collects a source whose interval is one minute.
+DUE_SLACK_FRACTION = 0.25
+DUE_SLACK_MAX_S = 15.0
+
+
+def is_due(checkpoint: Checkpoint | None, interval_s: float, now: int) -> bool:
+    if checkpoint is None or checkpoint.last_attempted_at_ns is None:
+        return True
+    slack = min(interval_s * DUE_SLACK_FRACTION, DUE_SLACK_MAX_S)
+    elapsed_s = (now - checkpoint.last_attempted_at_ns) / NS_PER_SECOND
+    return elapsed_s >= interval_s - slack
+
+
+def parse_time_option(value: str | None, flag: str, now: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_time_arg(value, now=now)
+    except TimeFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def parse_budget(value: str) -> float:
+    try:
+        return parse_duration_seconds(value)
+    except TimeFormatError as exc:
+        raise UsageError(f"--source-timeout: {exc}") from None
+
+
+def open_store_for(app: AppContext) -> Store:
+    from billing_cli.store import open_store
+
+    store: Store = open_store(app.db_url)
+    return store
+
+
+class Locks:
+    """The locks one run holds; each released as soon as its source is done."""
+
+    def __init__(self, locker: Locker) -> None:
+        self.locker = locker
+        self.held: dict[str, SourceLock] = {}
+
+    def acquire(self, source_ids: list[str]) -> tuple[list[str], list[str]]:
+        got: list[str] = []
+        skipped: list[str] = []
+        for sid in source_ids:
+            lock = self.locker.try_acquire(sid)
+            if lock is None:
+                skipped.append(sid)
+            else:
+                self.held[sid] = lock
+                got.append(sid)
+        return got, skipped
+
+    def release(self, source_id: str) -> None:
+        lock = self.held.pop(source_id, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for sid in list(self.held):
+            self.release(sid)
+        self.locker.close()
+
+
+class ProgressHooks:
+    """Progress on a terminal (stderr); lock release as each source finishes."""
+
+    def __init__(self, progress: Progress | None, locks: Locks, total: int) -> None:
+        self.progress = progress
+        self.locks = locks
+        self.task = progress.add_task("collect", total=total) if progress is not None else None
+        self.samples = 0
+
+    def on_page(self, outcome: SourceOutcome) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(
+                self.task,
+                description=f"{outcome.source_id}: page {outcome.pages}, "
+                f"{outcome.report.samples:,} samples",
+            )
+
+    def on_finished(self, outcome: SourceOutcome) -> None:
+        # Only now is the source's last page committed: the next run may take it.
+        self.locks.release(outcome.source_id)
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+
+
+def make_progress(app: AppContext, json_out: bool) -> Progress | None:
+    if not app.interactive or json_out:
+        return None
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=app.err,
+        transient=True,
+    )
+
+
+def run_result(run_id: int, kind: str, outcome: SourceOutcome) -> SourceRunResult:
+    return SourceRunResult(
+        run_id=run_id,
+        source_id=outcome.source_id,
+        kind=kind,  # type: ignore[arg-type]
+        started_at_ns=outcome.started_at_ns,
+        finished_at_ns=outcome.finished_at_ns,
+        outcome=outcome.status,
+        counts=outcome.counts(),
+        error=outcome.error,
+    )
+
+
+def skipped_outcome(source: Any, now: int, reason: str) -> SourceOutcome:
+    return SourceOutcome(
+        source_id=source.source_id,
+        node_id=source.node_id,
+        env=source.env,
+        status="skipped",
+        started_at_ns=now,
+        finished_at_ns=now,
+        note=reason,
+    )
+
+
+def exit_code_for(outcomes: list[SourceOutcome]) -> ExitCode:
+    if any(o.status == "failed" for o in outcomes):
+        return ExitCode.FAILED
+    if outcomes and all(o.status == "skipped" for o in outcomes):
+        return ExitCode.LOCKED
+    return ExitCode.OK
+
+
+def run_outcome(outcomes: list[SourceOutcome]) -> str:
+    if any(o.status == "failed" for o in outcomes):
+        return "failed"
+    if outcomes and all(o.status == "skipped" for o in outcomes):
+        return "skipped"
+    return "ok"
+
+
+def collect_command(
+    ctx: typer.Context,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Collect only this source (repeatable); due or not."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Start of the first pull for sources without a checkpoint (RFC3339 or a "
+            "duration ago, e.g. 6h). Sources with a checkpoint continue from it; use "
+            "`billing reconcile` to re-read history.",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-j", min=1, max=256, help="Sources pulled at once.")
+    ] = 8,
+    source_timeout: Annotated[
+        str,
+        typer.Option(
+            "--source-timeout",
+            help="Time budget per source for this run; a long catch-up continues next run.",
+        ),
+    ] = "5m",
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result.")] = False,
+) -> int:
+    app = get_context(ctx)
+    now = now_ns()
+    since_ns = parse_time_option(since, "--since", now)
+    if since_ns is not None and since_ns >= now:
+        raise UsageError(f"--since {since}: must be in the past")
+    budget_s = parse_budget(source_timeout)
+    registry = app.load_registry()
+    if source:
+        selected = [registry.get(sid) for sid in dict.fromkeys(source)]
+        for src in selected:
+            if not src.enabled:
+                raise UsageError(
+                    f"source '{src.source_id}' is disabled; enable it with "
+                    f"`billing sources enable {src.source_id}` or drop --source"
+                )
+    else:
+        selected = registry.enabled_sources()
+    if not selected:
+        _emit_nothing(app, json_out, "no enabled sources in the registry")
+        return int(ExitCode.OK)
+
+    defaults = registry.defaults
+    store = open_store_for(app)
+    locks = Locks(locker_for(app.db_url))
+    try:
+        checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
+        if source:
+            due = selected
+        else:
+            due = [
+                s
+                for s in selected
+                if is_due(checkpoints.get(s.source_id), s.collect_interval_s, now)
+            ]
+        not_due = [s.source_id for s in selected if s not in due]
+        if not due:
+            _emit_nothing(app, json_out, "no source is due", not_due=not_due)
+            return int(ExitCode.OK)
+        got, locked = locks.acquire([s.source_id for s in due])
+        by_id = {s.source_id: s for s in due}
+        tasks: list[PullTask] = []
+        overlap_ns = int(defaults.overlap_s * NS_PER_SECOND)
+        lookback_ns = int(defaults.initial_lookback_s * NS_PER_SECOND)
+        for sid in got:
+            cp = checkpoints.get(sid)
+            if cp is not None and cp.last_successful_until_ns is not None:
+                start = cp.last_successful_until_ns - overlap_ns
+            elif since_ns is not None:
+                start = since_ns
+            else:
+                start = now - lookback_ns
+            tasks.append(PullTask(by_id[sid], since_ns=min(start, now), until_ns=now))
+        run_id = store.start_run("collect", [s.source_id for s in due])
+        outcomes: dict[str, SourceOutcome] = {
+            sid: skipped_outcome(by_id[sid], now, "another run holds this source") for sid in locked
+        }
+        settings = PullSettings(
+            chunk_s=defaults.chunk_s, page_limit=defaults.page_limit, budget_s=budget_s
+        )
+        progress = make_progress(app, json_out)
+        hooks = ProgressHooks(progress, locks, len(tasks))
+        if progress is not None:
+            progress.start()
+        try:
+            outcomes.update(
+                run_sources(
+                    store,
+                    tasks,
+                    transport_client_factory(defaults, budget_s),
+                    pricing=registry.pricing,
+                    run_id=run_id,
+                    settings=settings,
+                    concurrency=concurrency,
+                    hooks=hooks,
+                )
+            )
+        finally:
+            if progress is not None:
+                progress.stop()
+        ordered = [outcomes[s.source_id] for s in due]
+        store.finish_run(
+            run_id,
+            run_outcome(ordered),
+            {o.source_id: run_result(run_id, "collect", o) for o in ordered},
+        )
+        after = {cp.source_id: cp for cp in store.list_checkpoints()}
+        code = exit_code_for(ordered)
+        _report(app, json_out, run_id, ordered, after, not_due, code)
+        return int(code)
+    finally:
+        locks.release_all()
+        store.close()
+
+
+def lag_s(cp: Checkpoint | None, now: int) -> float | None:
+    if cp is None or cp.last_successful_until_ns is None:
+        return None
+    return max(0.0, (now - cp.last_successful_until_ns) / NS_PER_SECOND)
+
+
+def outcome_json(o: SourceOutcome, cp: Checkpoint | None, now: int) -> dict[str, Any]:
+    lag = lag_s(cp, now)
+    return {
+        "source_id": o.source_id,
+        "node_id": o.node_id,
+        "env": o.env,
+        "status": o.status,
+        **o.counts(),
+        "since": format_rfc3339_ns(o.since_ns) if o.since_ns is not None else None,
+        "until": format_rfc3339_ns(o.until_ns) if o.until_ns is not None else None,
+        "last_successful_until": (
+            format_rfc3339_ns(cp.last_successful_until_ns)
+            if cp is not None and cp.last_successful_until_ns is not None
+            else None
+        ),
+        "lag_seconds": round(lag, 3) if lag is not None else None,
+        "duration_seconds": round(max(0, o.finished_at_ns - o.started_at_ns) / NS_PER_SECOND, 3),
+        "error": o.error,
+        "note": o.note,
+    }
+
+
+def _emit_nothing(
+    app: AppContext, json_out: bool, why: str, not_due: list[str] | None = None
+) -> None:
+    if json_out:
+        doc = {
+            "run_id": None,
+            "outcome": "nothing_due",
+            "exit_code": 0,
+            "sources": [],
+            "not_due": not_due or [],
+            "message": why,
+        }
+        typer.echo(orjson.dumps(doc).decode())
+    elif app.verbosity > 0 or (app.interactive and not app.quiet):
+        app.err.print(f"collect: {why}")
+
+
+def _report(
+    app: AppContext,
+    json_out: bool,
+    run_id: int,
+    outcomes: list[SourceOutcome],
+    after: dict[str, Checkpoint],
+    not_due: list[str],
+    code: ExitCode,
+) -> None:
+    now = now_ns()
+    if json_out:
+        doc = {
+            "run_id": run_id,
+            "outcome": run_outcome(outcomes),
+            "exit_code": int(code),
+            "sources": [outcome_json(o, after.get(o.source_id), now) for o in outcomes],
+            "not_due": not_due,
+        }
+        typer.echo(orjson.dumps(doc).decode())
+        return
+    failed = [o for o in outcomes if o.status == "failed"]
+    if app.quiet:
+        for o in failed:
+            typer.echo(f"error: {o.error}", err=True)
+        return
+    if app.interactive:
+        app.out.print(collect_table(outcomes, after, now, run_id))
+        return
+    # Under cron: a short summary, one line per source that needs attention.
+    for o in outcomes:
+        if o.status == "failed":
+            typer.echo(f"error: {o.error}", err=True)
+        elif o.status == "skipped":
+            typer.echo(f"skipped: source '{o.source_id}': {o.note}", err=True)
+    typer.echo(summary_line("collect", run_id, outcomes))
+
+
+def summary_line(kind: str, run_id: int, outcomes: list[SourceOutcome]) -> str:
+    def n(status: str) -> int:
+        return sum(1 for o in outcomes if o.status == status)
+
+    samples = sum(o.report.samples for o in outcomes)
+    new = sum(o.report.new_observations for o in outcomes)
+    buckets = sum(o.report.buckets_changed for o in outcomes)
+    return (
+        f"{kind} run {run_id}: {n('ok')} ok, {n('failed')} failed, {n('skipped')} skipped; "
+        f"{samples} samples, {new} new observations, {buckets} buckets changed"
+    )
+
+
+def collect_table(
+    outcomes: list[SourceOutcome], after: dict[str, Checkpoint], now: int, run_id: int
+) -> Table:
+    table = Table(title=f"collect run {run_id}", title_justify="left")
+    for col in ("source", "status", "pages", "items", "samples", "new", "dup", "buckets"):
+        table.add_column(col, justify="left" if col in ("source", "status") else "right")
+    table.add_column("postings", justify="right")
+    table.add_column("lag", justify="right")
+    table.add_column("error", overflow="fold")
+    style: dict[str, str] = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    fmt: Callable[[int], str] = "{:,}".format
+    for o in outcomes:
+        r = o.report
+        lag = lag_s(after.get(o.source_id), now)
+        table.add_row(
+            o.source_id,
+            f"[{style[o.status]}]{o.status}[/]",
+            fmt(o.pages),
+            fmt(r.items),
+            fmt(r.samples),
+            fmt(r.new_observations),
+            fmt(r.duplicates),
+            fmt(r.buckets_changed),
+            fmt(r.postings),
+            format_duration(lag) if lag is not None else "-",
+            o.error or o.note or "",
+        )
+    return table

@@ -1,0 +1,569 @@
+"""The per-source pull loop shared by ``billing collect`` and ``billing reconcile`` (DESIGN §7).
+
+Two halves, so that the database has exactly one writer per process:
+
+* :func:`iter_source_batches` — runs in a worker thread per source. It talks to one
+  exporter (window pages or the legacy ``latest`` item), enforces the protocol safety
+  rules (cursor loops, empty ``has_more`` pages, node_id/env identity on every page and
+  every item) and turns each page into a :class:`Batch` carrying its own
+  :class:`CheckpointAdvance`. It never touches the store.
+* :func:`run_sources` — runs in the calling thread. It starts the workers with a bound on
+  concurrency, receives their batches through a bounded queue (memory stays bounded by a
+  few pages, whatever the window) and applies each one through ``store.apply`` — one
+  transaction per page, the checkpoint in the same transaction, so the checkpoint never
+  runs ahead of the data. SQLite allows one writer anyway; funnelling every write through
+  one connection also lets ``reconcile --dry-run`` wrap all of them in one rolled-back
+  transaction.
+
+A failing or slow source only fails itself: its worker reports an error, the writer
+records it (``record_failure``, redacted one line) and keeps serving the other workers.
+Each source also has a time budget checked between pages; the transport's own
+``request_timeout`` and retry bound keep a single request from exceeding it by much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from billing_cli._errors import (
+    BillingError,
+    ProtocolError,
+    SourceError,
+    SourceIdentityError,
+)
+from billing_cli._time import NS_PER_SECOND, format_rfc3339_ns, minute_floor_ns, now_ns
+from billing_cli.core.types import Item, Rejection
+from billing_cli.pricing import Pricing
+from billing_cli.store.base import ApplyReport, Batch, CheckpointAdvance, Store
+from billing_cli.wire import WireFormatError, parse_latest, parse_window_page
+
+log = logging.getLogger(__name__)
+
+SourceStatus = Literal["ok", "failed", "skipped"]
+
+MAX_ERROR_CHARS = 400
+
+
+class BudgetExceededError(SourceError):
+    """The source used up its time budget for this run (progress so far is committed)."""
+
+
+class SourceLike(Protocol):
+    """What the pull loop needs from a registry ``SourceConfig``."""
+
+    @property
+    def source_id(self) -> str: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def env(self) -> str: ...
+
+    @property
+    def api(self) -> str: ...
+
+
+class ExporterClient(Protocol):
+    """What the pull loop needs from ``transport.SourceClient`` (one per source)."""
+
+    def get_window(self, since_ns: int, until_ns: int, limit: int, cursor: str | None) -> bytes: ...
+
+    def get_latest(self) -> bytes: ...
+
+
+ClientFactory = Callable[[SourceLike], AbstractContextManager[ExporterClient]]
+
+
+@dataclass(frozen=True)
+class PullTask:
+    """Pull ``[since_ns, until_ns)`` of one source.
+
+    ``advance_checkpoint`` is True for ``collect`` (cursor on every page,
+    ``last_successful_until`` on each chunk's last page) and False for ``reconcile``,
+    which re-reads history and never touches the checkpoint.
+    """
+
+    source: SourceLike
+    since_ns: int
+    until_ns: int
+    advance_checkpoint: bool = True
+
+
+@dataclass
+class PullSettings:
+    """Per-run knobs (from the registry ``[defaults]`` and the command line)."""
+
+    chunk_s: float = 3600.0
+    page_limit: int = 1000
+    budget_s: float = 300.0
+    collect_bucket_changes: bool = False
+
+
+@dataclass
+class SourceOutcome:
+    """One source's result in one run."""
+
+    source_id: str
+    node_id: str
+    env: str
+    status: SourceStatus
+    since_ns: int | None = None
+    until_ns: int | None = None
+    started_at_ns: int = 0
+    finished_at_ns: int = 0
+    pages: int = 0
+    chunks_completed: int = 0
+    report: ApplyReport = field(default_factory=ApplyReport)
+    covered_until_ns: int | None = None  # highest last_successful_until committed this run
+    minutes_seen: set[int] = field(default_factory=set)  # minute starts with an item
+    error: str | None = None
+    note: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        r = self.report
+        return {
+            "pages": self.pages,
+            "items": r.items,
+            "samples": r.samples,
+            "new_observations": r.new_observations,
+            "duplicates": r.duplicates,
+            "conflicts": r.conflicts,
+            "rejected": r.rejected,
+            "anomalies": r.anomalies,
+            "buckets_changed": r.buckets_changed,
+            "postings": r.postings,
+            "adjustments": r.adjustments,
+        }
+
+
+def one_line(text: str) -> str:
+    """Errors are stored and printed as one bounded line."""
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def plan_chunks(since_ns: int, until_ns: int, chunk_ns: int) -> list[tuple[int, int]]:
+    """Split ``[since, until)`` into consecutive half-open chunks of at most ``chunk_ns``."""
+    if until_ns <= since_ns:
+        return []
+    chunk_ns = max(chunk_ns, 1)
+    out: list[tuple[int, int]] = []
+    start = since_ns
+    while start < until_ns:
+        end = min(start + chunk_ns, until_ns)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def _check_identity(source: SourceLike, node_id: str, env: str, what: str) -> None:
+    if node_id != source.node_id or env != source.env:
+        raise SourceIdentityError(
+            source.source_id,
+            f"{what} is from node_id '{node_id}' env '{env}' but the registry says node_id "
+            f"'{source.node_id}' env '{source.env}'; nothing from it was applied and the "
+            "checkpoint did not move (fix the registry entry or the exporter's identity)",
+        )
+
+
+def _check_items(source: SourceLike, items: list[Item], where: str) -> None:
+    for item in items:
+        if item.node_id != source.node_id or item.env != source.env:
+            _check_identity(
+                source,
+                item.node_id,
+                item.env,
+                f"{where} item collected at {format_rfc3339_ns(item.collected_at_ns)}",
+            )
+
+
+def iter_source_batches(
+    task: PullTask,
+    client: ExporterClient,
+    *,
+    pricing: Pricing,
+    run_id: int,
+    settings: PullSettings,
+    attempted_at_ns: int,
+    deadline_ns: int | None = None,
+    clock: Callable[[], int] = now_ns,
+) -> Iterator[Batch]:
+    """Pull one source and yield one :class:`Batch` per page, in order.
+
+    Raises a :class:`SourceError` subclass on the first protocol, identity, transport or
+    budget failure; batches already yielded stay valid (each carries only the checkpoint
+    movement its own data justifies).
+    """
+    source = task.source
+    if source.api == "latest":
+        yield from _iter_latest(task, client, pricing, run_id, settings, attempted_at_ns)
+        return
+    chunk_ns = int(settings.chunk_s * NS_PER_SECOND)
+    for chunk_since, chunk_until in plan_chunks(task.since_ns, task.until_ns, chunk_ns):
+        cursor: str | None = None
+        seen: set[str] = set()
+        page_no = 0
+        while True:
+            if deadline_ns is not None and clock() > deadline_ns:
+                raise BudgetExceededError(
+                    source.source_id,
+                    f"time budget of {settings.budget_s:g}s used up at "
+                    f"{format_rfc3339_ns(chunk_since)}; committed pages are kept and the next "
+                    "run continues from the checkpoint",
+                )
+            page_no += 1
+            where = f"page {page_no} of chunk {format_rfc3339_ns(chunk_since)}"
+            # The window API's bounds are inclusive; chunks are half-open, so ask for
+            # [since, until - 1ns] and no item is fetched twice at a chunk boundary.
+            raw = client.get_window(chunk_since, chunk_until - 1, settings.page_limit, cursor)
+            try:
+                page = parse_window_page(raw)
+            except WireFormatError as exc:
+                raise ProtocolError(source.source_id, f"{where}: {exc}") from None
+            del raw
+            _check_identity(source, page.node_id, page.env, where)
+            if page.source_id is not None and page.source_id != source.source_id:
+                raise SourceIdentityError(
+                    source.source_id,
+                    f"{where} names source_id '{page.source_id}'; nothing from it was applied "
+                    "and the checkpoint did not move",
+                )
+            _check_items(source, page.items, where)
+            if page.has_more:
+                if not page.next_cursor:
+                    raise ProtocolError(source.source_id, f"{where}: has_more without next_cursor")
+                if not page.items and not page.rejections:
+                    raise ProtocolError(
+                        source.source_id, f"{where}: has_more is true but the page is empty"
+                    )
+                if page.next_cursor == cursor or page.next_cursor in seen:
+                    raise ProtocolError(
+                        source.source_id,
+                        f"{where}: exporter repeated a cursor (pagination loop); stopped",
+                    )
+            last = not page.has_more
+            advance = None
+            if task.advance_checkpoint:
+                advance = CheckpointAdvance(
+                    source_id=source.source_id,
+                    node_id=source.node_id,
+                    env=source.env,
+                    last_cursor=page.next_cursor if page.next_cursor is not None else cursor,
+                    last_successful_until_ns=chunk_until if last else None,
+                    attempted_at_ns=attempted_at_ns,
+                )
+            yield Batch(
+                items=page.items,
+                run_id=run_id,
+                pricing=pricing,
+                source_id=source.source_id,
+                rejections=page.rejections,
+                checkpoint=advance,
+                collect_bucket_changes=settings.collect_bucket_changes,
+            )
+            if last:
+                break
+            assert page.next_cursor is not None
+            seen.add(page.next_cursor)
+            cursor = page.next_cursor  # verbatim: cursors are opaque (nanosecond RFC3339)
+
+
+def _iter_latest(
+    task: PullTask,
+    client: ExporterClient,
+    pricing: Pricing,
+    run_id: int,
+    settings: PullSettings,
+    attempted_at_ns: int,
+) -> Iterator[Batch]:
+    """Legacy ``/v1/snapshots/latest``: one item per run.
+
+    Whatever happened between two runs is one delta attributed to the later item's
+    minute (DESIGN §4): the metering rules, not the collector, handle the gap.
+    """
+    source = task.source
+    raw = client.get_latest()
+    try:
+        items, rejections = parse_latest(raw, node_id=source.node_id, env=source.env)
+    except WireFormatError as exc:
+        raise ProtocolError(source.source_id, f"latest snapshot: {exc}") from None
+    _check_items(source, items, "latest snapshot")
+    rejections = [r for r in rejections if _rejection_ok(source, r)]
+    advance = None
+    if task.advance_checkpoint:
+        newest = max((i.collected_at_ns for i in items), default=None)
+        advance = CheckpointAdvance(
+            source_id=source.source_id,
+            node_id=source.node_id,
+            env=source.env,
+            last_cursor=None,
+            last_successful_until_ns=newest,
+            attempted_at_ns=attempted_at_ns,
+        )
+    yield Batch(
+        items=items,
+        run_id=run_id,
+        pricing=pricing,
+        source_id=source.source_id,
+        rejections=rejections,
+        checkpoint=advance,
+        collect_bucket_changes=settings.collect_bucket_changes,
+    )
+
+
+def _rejection_ok(source: SourceLike, r: Rejection) -> bool:
+    return bool(r.node_id == source.node_id and r.env == source.env) or not r.node_id
+
+
+# --- orchestration: workers pull, the calling thread writes ----------------------------
+
+
+@dataclass
+class _Msg:
+    kind: Literal["batch", "done", "error"]
+    source_id: str
+    batch: Batch | None = None
+    error: BaseException | None = None
+
+
+class RunHooks(Protocol):
+    """Callbacks for progress display and lock release (all called in the writer thread)."""
+
+    def on_page(self, outcome: SourceOutcome) -> None: ...
+
+    def on_finished(self, outcome: SourceOutcome) -> None: ...
+
+
+class _NoHooks:
+    def on_page(self, outcome: SourceOutcome) -> None:
+        return None
+
+    def on_finished(self, outcome: SourceOutcome) -> None:
+        return None
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, BillingError):
+        return one_line(exc.message)
+    # A bug or an unexpected library exception: name it, without a traceback.
+    return one_line(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def run_sources(
+    store: Store,
+    tasks: list[PullTask],
+    make_client: ClientFactory,
+    *,
+    pricing: Pricing,
+    run_id: int,
+    settings: PullSettings,
+    concurrency: int = 8,
+    hooks: RunHooks | None = None,
+    record_checkpoints: bool = True,
+    clock: Callable[[], int] = now_ns,
+) -> dict[str, SourceOutcome]:
+    """Pull every task concurrently (bounded) and apply their pages in this thread.
+
+    ``record_checkpoints``: call ``record_success``/``record_failure`` per source
+    (collect); reconcile passes False and leaves checkpoints alone.
+    """
+    hooks = hooks or _NoHooks()
+    outcomes: dict[str, SourceOutcome] = {}
+    if not tasks:
+        return outcomes
+    # Bounded: a fast exporter cannot run ahead of the writer by more than a few pages.
+    inbox: queue.Queue[_Msg] = queue.Queue(maxsize=max(2, 2 * concurrency))
+    abandoned: set[str] = set()  # sources the writer failed; their workers stop early
+    abandoned_lock = threading.Lock()
+    stop = threading.Event()  # the writer gave up (interrupt, bug): workers must not block
+
+    def put(msg: _Msg) -> None:
+        while not stop.is_set():
+            try:
+                inbox.put(msg, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def work(task: PullTask, outcome: SourceOutcome) -> None:
+        sid = task.source.source_id
+        # The budget and last_attempted_at count from when the pull really starts, not
+        # from when it was queued behind the concurrency bound.
+        outcome.started_at_ns = clock()
+        try:
+            deadline = outcome.started_at_ns + int(settings.budget_s * NS_PER_SECOND)
+            with make_client(task.source) as client:
+                for batch in iter_source_batches(
+                    task,
+                    client,
+                    pricing=pricing,
+                    run_id=run_id,
+                    settings=settings,
+                    attempted_at_ns=outcome.started_at_ns,
+                    deadline_ns=deadline,
+                    clock=clock,
+                ):
+                    with abandoned_lock:
+                        if sid in abandoned or stop.is_set():
+                            break
+                    put(_Msg("batch", sid, batch=batch))
+            put(_Msg("done", sid))
+        except BaseException as exc:  # noqa: BLE001 - reported to the writer, never lost
+            put(_Msg("error", sid, error=exc))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="pull")
+    try:
+        _write_loop(
+            store,
+            tasks,
+            pool,
+            work,
+            inbox,
+            outcomes,
+            hooks,
+            abandoned,
+            abandoned_lock,
+            record_checkpoints,
+            clock,
+        )
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return outcomes
+
+
+def _write_loop(
+    store: Store,
+    tasks: list[PullTask],
+    pool: ThreadPoolExecutor,
+    work: Callable[[PullTask, SourceOutcome], None],
+    inbox: queue.Queue[_Msg],
+    outcomes: dict[str, SourceOutcome],
+    hooks: RunHooks,
+    abandoned: set[str],
+    abandoned_lock: threading.Lock,
+    record_checkpoints: bool,
+    clock: Callable[[], int],
+) -> None:
+    pending = 0
+    for task in tasks:
+        src = task.source
+        outcome = SourceOutcome(
+            source_id=src.source_id,
+            node_id=src.node_id,
+            env=src.env,
+            status="ok",
+            since_ns=task.since_ns,
+            until_ns=task.until_ns,
+            started_at_ns=clock(),
+        )
+        outcomes[src.source_id] = outcome
+        pool.submit(work, task, outcome)
+        pending += 1
+    by_id = {t.source.source_id: t for t in tasks}
+    while pending:
+        msg = inbox.get()
+        outcome = outcomes[msg.source_id]
+        task = by_id[msg.source_id]
+        if msg.kind == "batch":
+            if outcome.status == "failed":
+                continue
+            assert msg.batch is not None
+            try:
+                outcome.report += store.apply(msg.batch)
+            except Exception as exc:  # noqa: BLE001 - fails this source only
+                _fail(outcome, exc, abandoned, abandoned_lock)
+                continue
+            _account_page(outcome, msg.batch)
+            hooks.on_page(outcome)
+            continue
+        pending -= 1
+        if msg.kind == "error" and outcome.status != "failed":
+            assert msg.error is not None
+            if isinstance(msg.error, BudgetExceededError) and outcome.chunks_completed:
+                # A long catch-up made progress and continues next run: not a failure.
+                outcome.note = _error_text(msg.error)
+            else:
+                _fail(outcome, msg.error, abandoned, abandoned_lock)
+                if not isinstance(msg.error, BillingError):
+                    log.debug("internal error pulling %s", msg.source_id, exc_info=msg.error)
+        outcome.finished_at_ns = clock()
+        if record_checkpoints:
+            _record(store, outcome, task)
+        hooks.on_finished(outcome)
+
+
+def _account_page(outcome: SourceOutcome, batch: Batch) -> None:
+    outcome.pages += 1
+    for item in batch.items:
+        outcome.minutes_seen.add(minute_floor_ns(item.collected_at_ns))
+    cp = batch.checkpoint
+    if cp is not None and cp.last_successful_until_ns is not None:
+        outcome.chunks_completed += 1
+        prev = outcome.covered_until_ns
+        if prev is None or cp.last_successful_until_ns > prev:
+            outcome.covered_until_ns = cp.last_successful_until_ns
+
+
+def _fail(
+    outcome: SourceOutcome,
+    exc: BaseException,
+    abandoned: set[str],
+    abandoned_lock: threading.Lock,
+) -> None:
+    outcome.status = "failed"
+    outcome.error = _error_text(exc)
+    with abandoned_lock:
+        abandoned.add(outcome.source_id)
+
+
+def _record(store: Store, outcome: SourceOutcome, task: PullTask) -> None:
+    src = task.source
+    try:
+        if outcome.status == "failed":
+            store.record_failure(
+                src.source_id, src.node_id, src.env, outcome.started_at_ns, outcome.error or ""
+            )
+        else:
+            store.record_success(src.source_id, src.node_id, src.env, outcome.finished_at_ns)
+    except BillingError as exc:
+        # The data of this run is committed; only the health bookkeeping failed.
+        log.warning("could not record the outcome of %s: %s", src.source_id, exc.message)
+
+
+# --- glue to the real transport --------------------------------------------------------
+
+
+def transport_client_factory(defaults: object, budget_s: float) -> ClientFactory:
+    """Build one HTTPS ``SourceClient`` per source from its registry entry.
+
+    Credential refs are resolved inside the worker, so a source with a broken ref fails
+    alone (with a one-line message naming the ref) instead of stopping the run.
+    """
+    from billing_cli.collect.transport import SourceClient, build_transport_config
+
+    retry_attempts = int(getattr(defaults, "retry_attempts", 3))
+
+    def make(source: SourceLike) -> AbstractContextManager[ExporterClient]:
+        config = build_transport_config(
+            source,  # type: ignore[arg-type]  # a registry SourceConfig
+            defaults,
+            budget_s=budget_s,
+            retry_attempts=retry_attempts,
+        )
+        # The registry resolves [defaults].max_response_bytes for the source.
+        cap = getattr(source, "effective_max_response_bytes", None)
+        if isinstance(cap, int) and cap != config.max_response_bytes:
+            config = dataclasses.replace(config, max_response_bytes=cap)
+        return SourceClient(config)
+
+    return make
