@@ -459,7 +459,12 @@ def _is_ndjson_head(line: bytes) -> bool:
         doc = _loads(line)
     except WireFormatError:
         return False
-    return isinstance(doc, dict) and "items" not in doc and "snapshots" not in doc
+    return (
+        isinstance(doc, dict)
+        and ("samples" in doc or "collected_at" in doc)
+        and "items" not in doc
+        and "snapshots" not in doc
+    )
 
 
 def parse_ingest(raw: bytes) -> tuple[list[Item], list[Rejection]]:
