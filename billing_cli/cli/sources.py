@@ -1,0 +1,455 @@
+"""``billing sources``: list, show, add, remove, enable and disable registry entries.
+
+Editing goes through ``billing_cli.registry.edit`` (comment-preserving, validated, atomic);
+reading through the same loader every other command uses. Output shows references
+(``env:NAME``, ``file:/path``), never resolved secrets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import click
+import orjson
+import typer
+from rich.table import Table
+
+from billing_cli._errors import ConfigError, UsageError
+from billing_cli.cli._context import AppContext, get_context
+from billing_cli.registry import edit
+from billing_cli.registry.model import Registry, SourceConfig
+
+HELP = """\
+Manage the source registry (sources.toml): one entry per xray-exporter endpoint.
+
+Edits keep your comments and the layout of untouched entries, are validated before
+anything is written, and replace the file atomically.
+
+Examples:
+
+  billing sources list
+
+\b
+  billing sources add jp-1 --node-id tokyo-1 --env prod \\
+      --base-url https://jp-1.example.net:9550 \\
+      --client-cert-ref file:/etc/billing/client.pem \\
+      --client-key-ref systemd:client-key --ca-bundle-ref file:/etc/billing/ca.pem
+
+  billing sources disable jp-1
+
+  billing --registry /etc/billing/sources.toml sources show jp-1 --json
+"""
+
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+# Stable JSON field order for `list --json` and `show --json`.
+JSON_FIELDS = (
+    "source_id",
+    "node_id",
+    "env",
+    "base_url",
+    "enabled",
+    "auth_mode",
+    "api",
+    "credential_ref",
+    "client_cert_ref",
+    "client_key_ref",
+    "ca_bundle_ref",
+    "server_name",
+    "collect_interval",
+    "request_timeout",
+    "allow_insecure_http",
+    "max_response_bytes",
+    "legacy",
+)
+
+
+def source_json(registry: Registry, src: SourceConfig) -> dict[str, Any]:
+    """One source with resolved defaults; refs are shown as written (they hold no secret)."""
+    return {
+        "source_id": src.source_id,
+        "node_id": src.node_id,
+        "env": src.env,
+        "base_url": src.base_url,
+        "enabled": src.enabled,
+        "auth_mode": src.auth_mode,
+        "api": src.api,
+        "credential_ref": src.credential_ref,
+        "client_cert_ref": src.client_cert_ref,
+        "client_key_ref": src.client_key_ref,
+        "ca_bundle_ref": src.effective_ca_bundle_ref,
+        "server_name": src.server_name,
+        "collect_interval": src.effective_collect_interval,
+        "request_timeout": src.effective_request_timeout,
+        "allow_insecure_http": src.allow_insecure_http,
+        "max_response_bytes": src.effective_max_response_bytes,
+        "legacy": registry.legacy,
+    }
+
+
+def _print_json(app_ctx: AppContext, payload: Any) -> None:
+    app_ctx.out.print(
+        orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode(),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _say(app_ctx: AppContext, message: str) -> None:
+    if not app_ctx.quiet:
+        app_ctx.out.print(message, markup=False, highlight=False)
+
+
+# --- list / show -------------------------------------------------------------------------
+
+
+LIST_HELP = """\
+List the sources of the registry (table, or --json for scripts).
+
+With no sources.toml and EXPORTER_BASE_URL set, the one implicit legacy source is
+listed and marked as legacy.
+
+Examples:
+
+  billing sources list
+
+  billing sources list --json | jq -r '.sources[] | select(.enabled) | .source_id'
+
+  billing --registry /etc/billing/sources.toml sources list
+"""
+
+
+@app.command("list", help=LIST_HELP)
+def list_sources(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    app_ctx = get_context(ctx)
+    registry = app_ctx.load_registry()
+    if as_json:
+        _print_json(
+            app_ctx,
+            {
+                "registry": str(registry.path),
+                "legacy": registry.legacy,
+                "sources": [source_json(registry, s) for s in registry.sources],
+            },
+        )
+        return
+    if not registry.sources:
+        _say(app_ctx, f"no sources in {registry.path}; add one with `billing sources add`")
+        return
+    title = (
+        f"legacy single source from EXPORTER_BASE_URL ({registry.path} does not exist)"
+        if registry.legacy
+        else str(registry.path)
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
+        table.add_column(col, overflow="fold")
+    for s in registry.sources:
+        table.add_row(
+            f"{s.source_id} (legacy)" if registry.legacy else s.source_id,
+            s.node_id,
+            s.env,
+            s.base_url,
+            s.auth_mode,
+            s.api,
+            "yes" if s.enabled else "no",
+            s.effective_collect_interval,
+        )
+    app_ctx.out.print(table)
+
+
+SHOW_HELP = """\
+Show every field of one source, with [defaults] filled in.
+
+Credential fields show the reference (env:NAME, file:/path, systemd:NAME), never the
+secret it points at.
+
+Examples:
+
+  billing sources show jp-1
+
+  billing sources show jp-1 --json | jq .ca_bundle_ref
+"""
+
+
+@app.command("show", help=SHOW_HELP)
+def show_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    app_ctx = get_context(ctx)
+    registry = app_ctx.load_registry()
+    src = registry.get(source_id)
+    data = source_json(registry, src)
+    if as_json:
+        _print_json(app_ctx, data)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in JSON_FIELDS:
+        value = data[key]
+        shown = "-" if value is None else str(value).lower() if isinstance(value, bool) else value
+        table.add_row(key, str(shown))
+    app_ctx.out.print(table)
+
+
+# --- add ---------------------------------------------------------------------------------
+
+ADD_HELP = """\
+Add a source to the registry (the file is created when missing).
+
+--auth-mode defaults to what the refs imply: client cert + key -> mtls, a
+credential_ref -> bearer, both -> mtls+bearer. Refs are references, never secrets:
+env:NAME, file:/abs/path, systemd:NAME (and "system" for --ca-bundle-ref: the OS trust
+store). Nothing is written if the result would not validate.
+
+Examples:
+
+\b
+  billing sources add jp-1 --node-id tokyo-1 --env prod \\
+      --base-url https://jp-1.example.net:9550 \\
+      --client-cert-ref file:/etc/billing/client.pem \\
+      --client-key-ref systemd:client-key
+
+\b
+  billing sources add de-1 --node-id frankfurt-1 --env prod \\
+      --base-url https://203.0.113.20:9550 --credential-ref env:BILLING_TOKEN_DE1 \\
+      --ca-bundle-ref file:/etc/billing/de-1-ca.pem --server-name de-1.example.net
+
+\b
+  billing sources add dev --node-id laptop --env dev \\
+      --base-url http://127.0.0.1:9550 --auth-mode none --allow-insecure-http
+"""
+
+_RefOpt = typer.Option(show_default=False)
+
+
+@app.command("add", help=ADD_HELP)
+def add_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    node_id: Annotated[
+        str, typer.Option("--node-id", help="node_id the exporter reports.", show_default=False)
+    ],
+    env: Annotated[
+        str, typer.Option("--env", help="env the exporter reports.", show_default=False)
+    ],
+    base_url: Annotated[
+        str,
+        typer.Option("--base-url", help="https:// URL of the exporter.", show_default=False),
+    ],
+    auth_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-mode",
+            click_type=click.Choice(["mtls", "bearer", "mtls+bearer", "none"]),
+            help="Default: implied by the refs given.",
+            show_default=False,
+        ),
+    ] = None,
+    credential_ref: Annotated[
+        str | None,
+        typer.Option("--credential-ref", help="Bearer token reference.", show_default=False),
+    ] = None,
+    client_cert_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--client-cert-ref", help="mTLS client certificate (PEM) ref.", show_default=False
+        ),
+    ] = None,
+    client_key_ref: Annotated[
+        str | None,
+        typer.Option("--client-key-ref", help="mTLS client key (PEM) ref.", show_default=False),
+    ] = None,
+    ca_bundle_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--ca-bundle-ref",
+            help='CA bundle ref, or "system". Default: [defaults] ca_bundle_ref.',
+            show_default=False,
+        ),
+    ] = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--server-name", help="TLS server name when the URL uses an IP.", show_default=False
+        ),
+    ] = None,
+    collect_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--collect-interval", help="e.g. 1m. Default: [defaults].", show_default=False
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        str | None,
+        typer.Option(
+            "--request-timeout", help="e.g. 10s. Default: [defaults].", show_default=False
+        ),
+    ] = None,
+    api: Annotated[
+        str,
+        typer.Option(
+            "--api",
+            click_type=click.Choice(["window", "latest"]),
+            help="Exporter API: window (paged) or latest (legacy).",
+        ),
+    ] = "window",
+    disabled: Annotated[
+        bool, typer.Option("--disabled", help="Add it switched off (enabled = false).")
+    ] = False,
+    allow_insecure_http: Annotated[
+        bool,
+        typer.Option(
+            "--allow-insecure-http",
+            help="Permit http:// to a loopback host (development only).",
+        ),
+    ] = False,
+) -> None:
+    app_ctx = get_context(ctx)
+    if auth_mode is None:
+        auth_mode = _implied_auth_mode(
+            credential_ref, client_cert_ref, client_key_ref, insecure=allow_insecure_http
+        )
+    fields: dict[str, Any] = {
+        "source_id": source_id,
+        "node_id": node_id,
+        "env": env,
+        "base_url": base_url,
+        "enabled": False if disabled else None,  # omitted when true: the default
+        "auth_mode": auth_mode,
+        "credential_ref": credential_ref,
+        "client_cert_ref": client_cert_ref,
+        "client_key_ref": client_key_ref,
+        "ca_bundle_ref": ca_bundle_ref,
+        "server_name": server_name,
+        "collect_interval": collect_interval,
+        "request_timeout": request_timeout,
+        "api": api,
+        "allow_insecure_http": True if allow_insecure_http else None,
+    }
+    edit.add_source(app_ctx.registry_path, fields)
+    state = "disabled" if disabled else "enabled"
+    _say(app_ctx, f"added source '{source_id}' ({state}) to {app_ctx.registry_path}")
+
+
+def _implied_auth_mode(
+    credential_ref: str | None,
+    client_cert_ref: str | None,
+    client_key_ref: str | None,
+    *,
+    insecure: bool,
+) -> str:
+    mtls = client_cert_ref is not None or client_key_ref is not None
+    if mtls and credential_ref is not None:
+        return "mtls+bearer"
+    if mtls:
+        return "mtls"
+    if credential_ref is not None:
+        return "bearer"
+    if insecure:
+        return "none"
+    raise UsageError(
+        "no credentials given: pass --client-cert-ref and --client-key-ref (mTLS) and/or "
+        "--credential-ref (bearer), or --auth-mode"
+    )
+
+
+# --- remove / enable / disable ----------------------------------------------------------
+
+REMOVE_HELP = """\
+Remove a source from the registry. Its data in the database is kept.
+
+The comment lines directly above the entry are removed with it; every other comment
+and entry stays byte for byte.
+
+Examples:
+
+  billing sources remove jp-1
+
+  billing --registry /etc/billing/sources.toml sources remove old-node
+"""
+
+
+@app.command("remove", help=REMOVE_HELP)
+def remove_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+) -> None:
+    app_ctx = get_context(ctx)
+    _refuse_legacy(app_ctx, "remove")
+    edit.remove_source(app_ctx.registry_path, source_id)
+    _say(app_ctx, f"removed source '{source_id}' from {app_ctx.registry_path}")
+
+
+ENABLE_HELP = """\
+Enable a source: `billing collect` collects it again.
+
+Examples:
+
+  billing sources enable jp-1
+
+  billing sources list --json | jq -r '.sources[] | select(.enabled | not) | .source_id'
+"""
+
+DISABLE_HELP = """\
+Disable a source: it stays in the registry (and its data in the database), but
+`billing collect` skips it.
+
+Examples:
+
+  billing sources disable jp-1
+
+  billing sources disable jp-1 && billing status
+"""
+
+
+@app.command("enable", help=ENABLE_HELP)
+def enable_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+) -> None:
+    _set_enabled(ctx, source_id, True)
+
+
+@app.command("disable", help=DISABLE_HELP)
+def disable_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+) -> None:
+    _set_enabled(ctx, source_id, False)
+
+
+def _set_enabled(ctx: typer.Context, source_id: str, enabled: bool) -> None:
+    app_ctx = get_context(ctx)
+    _refuse_legacy(app_ctx, "enable" if enabled else "disable")
+    _, changed = edit.set_enabled(app_ctx.registry_path, source_id, enabled)
+    word = "enabled" if enabled else "disabled"
+    if changed:
+        _say(app_ctx, f"{word} source '{source_id}' in {app_ctx.registry_path}")
+    else:
+        _say(app_ctx, f"source '{source_id}' is already {word}; nothing changed")
+
+
+def _refuse_legacy(app_ctx: AppContext, verb: str) -> None:
+    """The implicit legacy source lives in the environment, not in a file to edit."""
+    if app_ctx.registry_path.exists() or app_ctx.registry_explicit:
+        return
+    if os.environ.get("EXPORTER_BASE_URL"):
+        raise ConfigError(
+            f"cannot {verb} a source: {app_ctx.registry_path} does not exist and the legacy "
+            "source comes from EXPORTER_BASE_URL; create the registry with "
+            "`billing sources add ...` to manage sources"
+        )
