@@ -1,0 +1,177 @@
+"""Shared plumbing of the read commands (``billing usage``, ``billing ledger``).
+
+Filters are turned into a :class:`RowFilter` here (``--source`` is the only flag that reads
+the registry), the store is opened read-only in spirit (a missing SQLite file is an error,
+never silently created), and rows are written as a rich table, a JSON list or CSV. JSON and
+CSV are streamed row by row so that millions of rows never sit in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import orjson
+from rich.table import Table
+
+from billing_cli._errors import StoreError, UsageError
+from billing_cli._time import TimeFormatError, parse_time_arg
+from billing_cli.cli._context import AppContext
+from billing_cli.store.base import RowFilter
+
+if TYPE_CHECKING:
+    from billing_cli.store.base import Store
+
+OutputFormat = Literal["table", "json", "csv"]
+FORMATS: tuple[OutputFormat, ...] = ("table", "json", "csv")
+Cell = str | int
+
+# Rows rendered as a table are for people; past this many, say so and suggest json/csv.
+TABLE_ROW_LIMIT = 10_000
+
+
+def output_format(fmt: str, as_json: bool) -> OutputFormat:
+    """``--format`` (already checked by click) with ``--json`` as a shorthand."""
+    if as_json:
+        if fmt not in ("table", "json"):
+            raise UsageError(f"--json conflicts with --format {fmt}; give one of them")
+        return "json"
+    for f in FORMATS:
+        if f == fmt:
+            return f
+    raise UsageError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def parse_time_flag(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_time_arg(value)
+    except TimeFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def build_filter(
+    app: AppContext,
+    *,
+    sources: Sequence[str],
+    node_id: str | None,
+    env: str | None,
+    uuid: str | None,
+    since: str | None,
+    until: str | None,
+) -> RowFilter:
+    """The store filter for the common flags; ``--source`` resolves through the registry."""
+    since_ns = parse_time_flag("--since", since)
+    until_ns = parse_time_flag("--until", until)
+    if since_ns is not None and until_ns is not None and since_ns >= until_ns:
+        raise UsageError(f"--since ({since}) must be before --until ({until})")
+    pairs: tuple[tuple[str, str], ...] = ()
+    if sources:
+        registry = app.load_registry()
+        # dict keeps order and drops duplicates (two sources may share node_id/env)
+        pairs = tuple(
+            dict.fromkeys((registry.get(s).node_id, registry.get(s).env) for s in sources)
+        )
+    return RowFilter(
+        node_id=node_id,
+        env=env,
+        uuid=uuid,
+        since_ns=since_ns,
+        until_ns=until_ns,
+        series_filters=pairs,
+    )
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL/path (as ``open_store`` reads it), ``None`` otherwise."""
+    if "://" in url and not url.startswith("sqlite://"):
+        return None  # a server URL (or an unsupported one: open_store explains)
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    path = path.removeprefix("sqlite://")
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser()
+
+
+@contextmanager
+def open_existing_store(app: AppContext) -> Iterator[Store]:
+    """Open the store for reading; a missing SQLite file is a one-line error, not created."""
+    path = _sqlite_path(app.db_url)
+    if path is not None and not path.exists():
+        raise StoreError(
+            f"database {path} does not exist: nothing collected yet "
+            "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
+        )
+    from billing_cli.store import open_store
+
+    store = open_store(app.db_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _dumps(row: Mapping[str, Cell]) -> str:
+    try:
+        return orjson.dumps(row).decode()
+    except orjson.JSONEncodeError:
+        # orjson stops at 64-bit integers; totals may exceed that. The stdlib is exact.
+        return json.dumps(row, separators=(",", ":"))
+
+
+def write_rows(
+    app: AppContext,
+    fmt: OutputFormat,
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, Cell]],
+    *,
+    title: str,
+    empty_message: str,
+    right_aligned: frozenset[str] = frozenset(),
+) -> int:
+    """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``; return how many were written."""
+    out = sys.stdout
+    n = 0
+    if fmt == "json":
+        out.write("[")
+        for row in rows:
+            out.write(",\n" if n else "\n")
+            out.write(_dumps(row))
+            n += 1
+        out.write("\n]\n" if n else "]\n")
+        out.flush()
+        return n
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([row[c] for c in columns])
+            n += 1
+        out.flush()
+        return n
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="right" if c in right_aligned else "left", overflow="fold")
+    truncated = False
+    for row in rows:
+        if n >= TABLE_ROW_LIMIT:
+            truncated = True
+            break
+        table.add_row(*(str(row[c]) for c in columns))
+        n += 1
+    if n == 0:
+        app.out.print(empty_message)
+        return 0
+    app.out.print(table)
+    if truncated:
+        app.err.print(
+            f"showing the first {TABLE_ROW_LIMIT} rows; use --totals, narrower filters, "
+            "or --format csv/json for all of them"
+        )
+    return n

@@ -1,0 +1,167 @@
+"""``billing ledger``: the append-only rated ledger (charges and adjustments), or totals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Annotated
+
+import click
+import typer
+
+from billing_cli._time import format_rfc3339_ns
+from billing_cli.cli._context import get_context
+from billing_cli.cli._rows import (
+    FORMATS,
+    Cell,
+    build_filter,
+    open_existing_store,
+    output_format,
+    write_rows,
+)
+from billing_cli.core.money import format_amount
+from billing_cli.store.base import LedgerRow
+
+HELP = """\
+Show ledger postings: per bucket a charge (revision 0), then adjustments that carry only
+the difference when late data or a reconcile re-rated it. The postings of a bucket add up
+to its current rating; nothing is ever updated or deleted.
+
+Filters apply to the bucket the posting belongs to (--since inclusive, --until exclusive,
+RFC3339 with a zone or a duration ago such as 2h or 7d). amount is a decimal string in
+currency units with nine decimals (exact; never a float). --totals prints one row per
+uuid and currency (uuid, rated_bytes, amount, currency): what to invoice. --format json
+gives a list of objects (entry_id, node_id, env, uuid, inbound_tag, bucket_start,
+revision, entry_type, rated_bytes, amount, currency, pricing_rule_version, run_id,
+created_at); csv has the same columns.
+
+Exit status: 0 on success (also when no row matches), 2 on a bad flag, registry or
+--source, 4 when the database is missing or cannot be read.
+
+Examples:
+
+  billing ledger --since 1h
+
+  billing ledger --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z --totals
+
+  billing ledger --uuid 6f1c2e9a-0000-4000-8000-000000000001 --format json
+
+  billing ledger --source node-a-prod --since 7d --format csv > ledger.csv
+
+  billing ledger --format json | jq '[.[] | select(.entry_type == "adjustment")]'
+"""
+
+COLUMNS = (
+    "entry_id",
+    "node_id",
+    "env",
+    "uuid",
+    "inbound_tag",
+    "bucket_start",
+    "revision",
+    "entry_type",
+    "rated_bytes",
+    "amount",
+    "currency",
+    "pricing_rule_version",
+    "run_id",
+    "created_at",
+)
+TOTAL_COLUMNS = ("uuid", "rated_bytes", "amount", "currency")
+_NUMERIC = frozenset({"entry_id", "revision", "rated_bytes", "amount", "run_id"})
+
+
+def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
+    for r in rows:
+        yield {
+            "entry_id": r.entry_id,
+            "node_id": r.node_id,
+            "env": r.env,
+            "uuid": r.uuid,
+            "inbound_tag": r.inbound_tag,
+            "bucket_start": format_rfc3339_ns(r.bucket_start_ns),
+            "revision": r.revision,
+            "entry_type": r.entry_type,
+            "rated_bytes": r.rated_bytes,
+            "amount": format_amount(r.amount_nano),
+            "currency": r.currency,
+            "pricing_rule_version": r.pricing_rule_version,
+            "run_id": r.run_id,
+            "created_at": format_rfc3339_ns(r.created_at_ns),
+        }
+
+
+def total_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
+    """One row per (uuid, currency), ordered by uuid then currency; sums are exact ints."""
+    acc: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        cur = acc.setdefault((r.uuid, r.currency), [0, 0])
+        cur[0] += r.rated_bytes
+        cur[1] += r.amount_nano
+    for uuid, currency in sorted(acc):
+        rated, amount = acc[(uuid, currency)]
+        yield {
+            "uuid": uuid,
+            "rated_bytes": rated,
+            "amount": format_amount(amount),
+            "currency": currency,
+        }
+
+
+def ledger_command(
+    ctx: typer.Context,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            metavar="ID",
+            help="Only this source's node_id/env (from the registry). Repeatable.",
+        ),
+    ] = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Only this env.")] = None,
+    uuid: Annotated[str | None, typer.Option("--uuid", help="Only this account (uuid).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Buckets starting at or after this time (RFC3339 or 2h)."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Buckets starting before this time (RFC3339 or 2h)."),
+    ] = None,
+    totals: Annotated[
+        bool,
+        typer.Option("--totals", help="One row per uuid (and currency): rated bytes, amount."),
+    ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", click_type=click.Choice(list(FORMATS)), help="Output format."),
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+) -> None:
+    app = get_context(ctx)
+    out_fmt = output_format(fmt, as_json)
+    flt = build_filter(
+        app, sources=source or (), node_id=node_id, env=env, uuid=uuid, since=since, until=until
+    )
+    with open_existing_store(app) as store:
+        rows = store.iter_ledger(flt)
+        if totals:
+            write_rows(
+                app,
+                out_fmt,
+                TOTAL_COLUMNS,
+                total_rows(rows),
+                title="Ledger totals per uuid",
+                empty_message="No ledger postings match these filters.",
+                right_aligned=frozenset({"rated_bytes", "amount"}),
+            )
+            return
+        write_rows(
+            app,
+            out_fmt,
+            COLUMNS,
+            posting_rows(rows),
+            title="Ledger postings",
+            empty_message="No ledger postings match these filters.",
+            right_aligned=_NUMERIC,
+        )

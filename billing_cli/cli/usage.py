@@ -1,0 +1,183 @@
+"""``billing usage``: per-minute usage buckets (or hour/day roll-ups, or per-uuid totals)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Annotated
+
+import click
+import typer
+
+from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns
+from billing_cli.cli._context import get_context
+from billing_cli.cli._rows import (
+    FORMATS,
+    Cell,
+    build_filter,
+    open_existing_store,
+    output_format,
+    write_rows,
+)
+from billing_cli.core.types import SeriesKey
+from billing_cli.store.base import UsageRow
+
+HELP = """\
+Show usage buckets: bytes per series (node_id, env, uuid, inbound_tag) per minute.
+
+Times are bucket starts in UTC; --since is inclusive and --until exclusive, each RFC3339
+with a zone or a duration meaning "that long ago" (2h, 7d). With no filter, every row is
+shown. --by hour|day adds up the minute buckets of each series per hour or UTC day.
+--totals prints one row per uuid instead. --format json gives a list of objects
+(node_id, env, uuid, inbound_tag, bucket_start, uplink_bytes, downlink_bytes,
+total_bytes); csv has the same columns.
+
+Exit status: 0 on success (also when no row matches), 2 on a bad flag, registry or
+--source, 4 when the database is missing or cannot be read.
+
+Examples:
+
+  billing usage --since 1h
+
+  billing usage --uuid 6f1c2e9a-0000-4000-8000-000000000001 --by day
+
+  billing usage --source node-a-prod --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z
+
+  billing usage --env prod --since 30d --totals --format csv > usage.csv
+
+  billing usage --node-id node-a --format json | jq 'map(.total_bytes) | add'
+"""
+
+COLUMNS = (
+    "node_id",
+    "env",
+    "uuid",
+    "inbound_tag",
+    "bucket_start",
+    "uplink_bytes",
+    "downlink_bytes",
+    "total_bytes",
+)
+TOTAL_COLUMNS = ("uuid", "uplink_bytes", "downlink_bytes", "total_bytes")
+_NUMERIC = frozenset({"uplink_bytes", "downlink_bytes", "total_bytes"})
+BY_NS = {"minute": NS_PER_MINUTE, "hour": 60 * NS_PER_MINUTE, "day": 1440 * NS_PER_MINUTE}
+
+
+def _row(key: tuple[str, str, str, str], start_ns: int, up: int, down: int) -> dict[str, Cell]:
+    return {
+        "node_id": key[0],
+        "env": key[1],
+        "uuid": key[2],
+        "inbound_tag": key[3],
+        "bucket_start": format_rfc3339_ns(start_ns),
+        "uplink_bytes": up,
+        "downlink_bytes": down,
+        "total_bytes": up + down,
+    }
+
+
+def minute_rows(rows: Iterable[UsageRow]) -> Iterator[dict[str, Cell]]:
+    for r in rows:
+        key = (r.node_id, r.env, r.uuid, r.inbound_tag)
+        yield _row(key, r.bucket_start_ns, r.uplink_bytes, r.downlink_bytes)
+
+
+def rollup_rows(rows: Iterable[UsageRow], width_ns: int) -> Iterator[dict[str, Cell]]:
+    """Add minute buckets per series per ``width_ns`` period (UTC-aligned).
+
+    Holds one entry per output row (not per input row), then emits them in time, then
+    series key order — a deterministic order whatever order the store returned.
+    """
+    acc: dict[tuple[int, SeriesKey], list[int]] = {}
+    for r in rows:
+        k = (
+            r.bucket_start_ns - r.bucket_start_ns % width_ns,
+            SeriesKey(r.node_id, r.env, r.uuid, r.inbound_tag),
+        )
+        cur = acc.get(k)
+        if cur is None:
+            acc[k] = [r.uplink_bytes, r.downlink_bytes]
+        else:
+            cur[0] += r.uplink_bytes
+            cur[1] += r.downlink_bytes
+    for (start, key), (up, down) in sorted(acc.items()):
+        yield _row(key, start, up, down)
+
+
+def total_rows(rows: Iterable[UsageRow]) -> Iterator[dict[str, Cell]]:
+    """One row per uuid, ordered by uuid."""
+    acc: dict[str, list[int]] = {}
+    for r in rows:
+        cur = acc.setdefault(r.uuid, [0, 0])
+        cur[0] += r.uplink_bytes
+        cur[1] += r.downlink_bytes
+    for uuid in sorted(acc):
+        up, down = acc[uuid]
+        yield {"uuid": uuid, "uplink_bytes": up, "downlink_bytes": down, "total_bytes": up + down}
+
+
+def usage_command(
+    ctx: typer.Context,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            metavar="ID",
+            help="Only this source's node_id/env (from the registry). Repeatable.",
+        ),
+    ] = None,
+    node_id: Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="Only this env.")] = None,
+    uuid: Annotated[str | None, typer.Option("--uuid", help="Only this account (uuid).")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Buckets starting at or after this time (RFC3339 or 2h)."),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Buckets starting before this time (RFC3339 or 2h)."),
+    ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            click_type=click.Choice(list(BY_NS)),
+            help="Bucket width of the output: minute (as stored), hour or UTC day.",
+        ),
+    ] = "minute",
+    totals: Annotated[
+        bool, typer.Option("--totals", help="One row per uuid with summed bytes.")
+    ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", click_type=click.Choice(list(FORMATS)), help="Output format."),
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+) -> None:
+    app = get_context(ctx)
+    out_fmt = output_format(fmt, as_json)
+    flt = build_filter(
+        app, sources=source or (), node_id=node_id, env=env, uuid=uuid, since=since, until=until
+    )
+    with open_existing_store(app) as store:
+        rows = store.iter_usage(flt)
+        if totals:
+            write_rows(
+                app,
+                out_fmt,
+                TOTAL_COLUMNS,
+                total_rows(rows),
+                title="Usage totals per uuid",
+                empty_message="No usage matches these filters.",
+                right_aligned=_NUMERIC,
+            )
+            return
+        out_rows = minute_rows(rows) if by == "minute" else rollup_rows(rows, BY_NS[by])
+        write_rows(
+            app,
+            out_fmt,
+            COLUMNS,
+            out_rows,
+            title=f"Usage per {by}",
+            empty_message="No usage matches these filters.",
+            right_aligned=_NUMERIC,
+        )
