@@ -416,3 +416,13 @@ def test_check_script_is_unknown_when_billing_cannot_tell(registry: Path, tmp_pa
     )
     assert missing.returncode == 3
     assert "not found" in missing.stdout
+
+
+def test_status_never_creates_a_missing_sqlite_database(
+    cli: Any, registry: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "not-yet.db"
+    code, doc = status_json(cli, registry, str(db))
+    assert code == 1
+    assert {s["health"] for s in doc["sources"]} == {"failing", "disabled"}
+    assert not db.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -25,6 +26,7 @@ from billing_cli._time import (
     parse_duration_seconds,
 )
 from billing_cli.cli._context import get_context
+from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Health, Verdict, all_healthy, classify, default_max_lag_s
 from billing_cli.store.base import Checkpoint, SourceRunResult
 
@@ -133,6 +135,14 @@ def _ts(ns: int | None) -> str | None:
     return None if ns is None else format_rfc3339_ns(ns)
 
 
+def database_exists(db_url: str) -> bool:
+    """False for a SQLite file that does not exist yet: status must not create it."""
+    if is_postgres_url(db_url):
+        return True
+    path = sqlite_path(db_url)
+    return path == ":memory:" or Path(path).expanduser().exists()
+
+
 def collect_status(
     ctx: typer.Context, source: str | None, max_lag: str | None, now: int
 ) -> tuple[list[SourceStatus], int]:
@@ -154,15 +164,19 @@ def collect_status(
                 f"--source {source!r}: no such source in {app_ctx.registry_path} (known: {known})"
             )
 
-    from billing_cli.store import open_store
+    checkpoints: dict[str, Checkpoint] = {}
+    last_runs: dict[str, SourceRunResult] = {}
+    events: dict[str, int] = {}
+    if database_exists(app_ctx.db_url):
+        from billing_cli.store import open_store
 
-    store = open_store(app_ctx.db_url)
-    try:
-        checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
-        last_runs = store.last_source_results()
-        events = store.integrity_event_counts()
-    finally:
-        store.close()
+        store = open_store(app_ctx.db_url)
+        try:
+            checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
+            last_runs = store.last_source_results()
+            events = store.integrity_event_counts()
+        finally:
+            store.close()
 
     overlap_s = float(registry.defaults.overlap_s)
     out: list[SourceStatus] = []
@@ -281,6 +295,8 @@ def status_command(
         line = ", ".join(f"{n} {h}" for h, n in summary.items() if n) or "no sources"
         if unattributed:
             line += f"; {unattributed} integrity event(s) without a source"
+        if not database_exists(app_ctx.db_url):
+            line += f"; database {app_ctx.db_url} does not exist yet (run `billing collect`)"
         app_ctx.out.print(line)
     code = ExitCode.OK if doc["healthy"] else ExitCode.FAILED
     raise typer.Exit(int(code))
