@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import orjson
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from billing_cli._errors import StoreError, UsageError
@@ -33,6 +35,7 @@ Cell = str | int
 
 # Rows rendered as a table are for people; past this many, say so and suggest json/csv.
 TABLE_ROW_LIMIT = 10_000
+_PIPED_TABLE_WIDTH = 400
 
 
 def output_format(fmt: str, as_json: bool) -> OutputFormat:
@@ -155,7 +158,9 @@ def write_rows(
             n += 1
         out.flush()
         return n
-    table = Table(title=title, title_justify="left")
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
+    )
     for c in columns:
         table.add_column(c, justify="right" if c in right_aligned else "left", overflow="fold")
     truncated = False
@@ -168,7 +173,12 @@ def write_rows(
     if n == 0:
         app.out.print(empty_message)
         return 0
-    app.out.print(table)
+    if app.out.is_terminal:
+        app.out.print(table)
+    else:
+        # Piped or redirected: rich would squeeze the table into 80 columns and fold every
+        # cell. Let it take its natural width instead (it never pads beyond that).
+        Console(file=out, width=_PIPED_TABLE_WIDTH, soft_wrap=True).print(table)
     if truncated:
         app.err.print(
             f"showing the first {TABLE_ROW_LIMIT} rows; use --totals, narrower filters, "
