@@ -298,18 +298,38 @@ class SourceClient:
         url = self.config.base_url + path
         attempts = self.config.retry_attempts
 
+        planned: dict[int, float] = {}  # attempt number -> delay before the next attempt
+        budget_hit: list[str] = []
+
+        def delay_for(state: tenacity.RetryCallState) -> float:
+            # Memoised: tenacity versions differ in whether stop or wait runs first.
+            n = state.attempt_number
+            if n not in planned:
+                exc = state.outcome.exception() if state.outcome else None
+                retry_after = exc.retry_after_s if isinstance(exc, _Retryable) else None
+                if retry_after is not None:
+                    planned[n] = retry_after
+                else:
+                    ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (n - 1))
+                    planned[n] = random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
+            return planned[n]
+
         def stop(state: tenacity.RetryCallState) -> bool:
-            return state.attempt_number >= attempts or self.remaining_s() <= 0
+            if state.attempt_number >= attempts:
+                return True
+            delay, remaining = delay_for(state), self.remaining_s()
+            if remaining <= 0:
+                budget_hit.append("used up")
+                return True
+            if delay >= remaining:
+                # Sleeping would end past the budget (e.g. a long Retry-After): give up now
+                # rather than burn what is left of the source's time.
+                budget_hit.append(f"next retry in {delay:.0f}s is past it")
+                return True
+            return False
 
         def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            retry_after = exc.retry_after_s if isinstance(exc, _Retryable) else None
-            if retry_after is not None:
-                delay = retry_after
-            else:
-                ceiling = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (state.attempt_number - 1))
-                delay = random.uniform(0, ceiling)  # noqa: S311 - jitter, not crypto
-            return max(0.0, min(delay, self.remaining_s()))
+            return max(0.0, min(delay_for(state), self.remaining_s()))
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -334,11 +354,9 @@ class SourceClient:
             return retrying(self._attempt, url, params)
         except _Retryable as exc:
             err = exc.error
-            if self.remaining_s() <= 0:
-                raise type(err)(
-                    self.config.source_id,
-                    _strip_source(err) + f" (time budget of {self.config.budget_s:g}s used up)",
-                ) from None
+            if budget_hit:
+                budget = f"time budget of {self.config.budget_s:g}s: {budget_hit[-1]}"
+                raise type(err)(self.config.source_id, f"{_strip_source(err)} ({budget})") from None
             raise type(err)(
                 self.config.source_id, _strip_source(err) + f" after {attempts} attempts"
             ) from None
