@@ -1,0 +1,280 @@
+"""``billing ingest`` end to end through the real CLI, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from conftest import CliResult, CliRunnerFn
+
+from billing_cli.store import open_store
+from billing_cli.store.base import RowFilter
+
+REGISTRY = """\
+[[sources]]
+source_id = "node-a-prod"
+node_id = "node-a"
+env = "prod"
+base_url = "https://node-a.example.net:9550"
+auth_mode = "bearer"
+credential_ref = "env:BILLING_TOKEN_A"
+ca_bundle_ref = "system"
+
+[pricing]
+currency = "EUR"
+unit = "B"
+price_per_unit = "0.001"
+rule_version = "test-1"
+"""
+
+
+def s(uuid: str, up: Any, down: Any, tag: str = "vless-in") -> dict[str, Any]:
+    return {
+        "uuid": uuid,
+        "email": f"{uuid}@example.com",
+        "inbound_tag": tag,
+        "uplink_bytes_total": up,
+        "downlink_bytes_total": down,
+    }
+
+
+def it(minute: int, samples: list[dict[str, Any]], node: str = "node-a") -> dict[str, Any]:
+    return {
+        "node_id": node,
+        "env": "prod",
+        "collected_at": f"2026-11-24T10:{minute:02d}:05.123456789Z",
+        "counter_epoch": "boot-1",
+        "samples": samples,
+    }
+
+
+ITEMS = [
+    it(0, [s("u1", 100, 1000), s("u2", 0, 0)]),  # baselines
+    it(1, [s("u1", 300, 1500), s("u2", 50, 50)]),  # u1 +700, u2 +100
+    it(2, [s("u1", 300, 1500), s("u2", 60, 70), s("u3", -1, 5)]),  # u1 idle, u2 +30, u3 bad
+]
+
+
+def ndjson(items: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(i) + b"\n" for i in items)
+
+
+def run_json(cli: CliRunnerFn, *args: str, input: bytes | None = None) -> dict[str, Any]:
+    res = cli(*args, "--json", input=input)
+    assert "Traceback" not in res.output
+    assert res.exit_code == 0, res.output
+    out: dict[str, Any] = orjson.loads(res.stdout)
+    return out
+
+
+def state(db_url: str) -> tuple[list[tuple[Any, ...]], dict[tuple[Any, ...], int], int]:
+    """Buckets, ledger sum per bucket, and the number of postings."""
+    store = open_store(db_url)
+    try:
+        usage = sorted(
+            (u.node_id, u.uuid, u.inbound_tag, u.bucket_start_ns, u.uplink_bytes, u.downlink_bytes)
+            for u in store.iter_usage(RowFilter())
+        )
+        sums: dict[tuple[Any, ...], int] = {}
+        n = 0
+        for row in store.iter_ledger(RowFilter()):
+            key = (row.node_id, row.uuid, row.inbound_tag, row.bucket_start_ns)
+            sums[key] = sums.get(key, 0) + row.amount_nano
+            n += 1
+        return usage, sums, n
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    path = tmp_path / "sources.toml"
+    path.write_text(REGISTRY)
+    return path
+
+
+def test_summary_numbers_exact_and_reingest_is_noop(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    first = run_json(cli, "--db", db_url, "ingest", str(f))
+    assert {k: first[k] for k in first if k not in ("run_id", "source_id")} == {
+        "items": 3,
+        "samples": 6,
+        "new_observations": 6,
+        "duplicates": 0,
+        "conflicts": 0,
+        "rejected_samples": 1,
+        "anomalies": 0,
+        "buckets_changed": 3,
+        "postings": 3,
+        "adjustments": 0,
+        "batches": 1,
+        "charged_amount": "0.830000000",  # 830 bytes at 0.001 EUR/B
+        "currency": "EUR",
+    }
+    usage, sums, postings = state(db_url)
+    assert [(u[1], u[4], u[5]) for u in usage] == [("u1", 200, 500), ("u2", 50, 50), ("u2", 10, 20)]
+    assert sum(sums.values()) == 830_000_000
+    assert postings == 3
+
+    again = run_json(cli, "--db", db_url, "ingest", str(f))
+    assert (again["new_observations"], again["duplicates"]) == (0, 6)
+    assert (again["buckets_changed"], again["postings"], again["conflicts"]) == (0, 0, 0)
+    assert again["run_id"] != first["run_id"]
+    assert state(db_url) == (usage, sums, postings)
+
+
+def test_conflicting_redelivery_is_recorded_not_applied(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    f = tmp_path / "in.json"
+    f.write_bytes(orjson.dumps(ITEMS))
+    run_json(cli, "--db", db_url, "ingest", str(f))
+    before = state(db_url)
+    conflict = tmp_path / "conflict.json"
+    conflict.write_bytes(orjson.dumps([it(1, [s("u1", 999, 1500), s("u2", 50, 50)])]))
+    out = run_json(cli, "--db", db_url, "ingest", str(conflict))
+    assert (out["conflicts"], out["duplicates"], out["new_observations"]) == (1, 1, 0)
+    assert state(db_url) == before  # first delivery kept, nothing overwritten
+    store = open_store(db_url)
+    try:
+        assert sum(store.integrity_event_counts().values()) >= 2  # the rejection + conflict
+    finally:
+        store.close()
+
+
+def test_source_match_applies(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    page = {"node_id": "node-a", "env": "prod", "snapshots": ITEMS, "has_more": False}
+    out = run_json(
+        cli, "--db", db_url, "ingest", "--source", "node-a-prod", "-", input=orjson.dumps(page)
+    )
+    assert (out["source_id"], out["new_observations"], out["rejected_samples"]) == (
+        "node-a-prod",
+        6,
+        1,
+    )
+
+
+def test_source_mismatch_writes_nothing(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    f = tmp_path / "mixed.ndjson"
+    # The mismatch is the LAST item: earlier valid items must not be written either.
+    f.write_bytes(ndjson([*ITEMS, it(3, [s("u9", 1, 1)], node="node-b")]))
+    res = cli("--db", db_url, "ingest", "--source", "node-a-prod", str(f))
+    assert res.exit_code == 1
+    assert "Traceback" not in res.output
+    err = res.stderr.strip()
+    assert err.count("\n") == 0
+    assert "item 4" in err
+    assert "node_id='node-b'" in err
+    assert "node_id='node-a'" in err
+    assert "node-a-prod" in err
+    assert "nothing written" in err
+    assert state(db_url) == ([], {}, 0)
+
+
+def test_stdin_and_small_batches_give_the_same_result(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    out = run_json(cli, "--db", db_url, "ingest", "--batch-samples", "2", "-", input=ndjson(ITEMS))
+    assert out["batches"] == 3  # an item is never split: 2, 2, 3 samples
+    assert (out["new_observations"], out["buckets_changed"], out["postings"]) == (6, 3, 3)
+    assert out["charged_amount"] == "0.830000000"
+
+
+def test_bad_ndjson_line_writes_nothing(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    f = tmp_path / "bad.ndjson"
+    f.write_bytes(ndjson(ITEMS) + b'{"collected_at": \n')
+    res = cli("--db", db_url, "ingest", "--batch-samples", "1", str(f))
+    assert res.exit_code == 3
+    assert "Traceback" not in res.output
+    assert "line 4: invalid JSON" in res.stderr
+    assert "nothing written" in res.stderr
+    assert state(db_url) == ([], {}, 0)
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        (None, 3, "no such file"),
+        (b"", 3, "empty input"),
+        (b"{not json}", 3, "invalid JSON"),
+        (b'{"node_id": "n", "env": "e", "items": {}}', 3, "items: expected an array"),
+        (b'[{"collected_at": "2026-11-24T10:00:00Z", "samples": []}]', 3, "node_id missing"),
+        (b"\xff\xfe garbage", 3, "invalid JSON"),
+    ],
+)
+def test_unparseable_input_exit_3(
+    cli: CliRunnerFn, tmp_path: Path, content: bytes | None, code: int, message: str
+) -> None:
+    f = tmp_path / "input.json"
+    if content is not None:
+        f.write_bytes(content)
+    res = cli("ingest", str(f))
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "billing.db").exists()
+
+
+def test_directory_and_unknown_source(cli: CliRunnerFn, tmp_path: Path, registry: Path) -> None:
+    res = cli("ingest", str(tmp_path))
+    assert (res.exit_code, "is a directory" in res.stderr) == (3, True)
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    res = cli("ingest", "--source", "nope", str(f))
+    assert res.exit_code == 2
+    assert "no source 'nope'" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_without_registry_rates_at_zero_with_warning(cli: CliRunnerFn, tmp_path: Path) -> None:
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    res = cli("ingest", "--json", str(f))
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("warning: no registry") == 1
+    out = orjson.loads(res.stdout)
+    assert (out["new_observations"], out["charged_amount"]) == (6, "0.000000000")
+    # --source needs the registry: a clear config error, not a silent zero rating.
+    res = cli("ingest", "--source", "node-a-prod", str(f))
+    assert res.exit_code == 2
+    assert "sources.toml" in res.stderr
+
+
+def test_table_output_and_quiet(cli: CliRunnerFn, tmp_path: Path, registry: Path) -> None:
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    res: CliResult = cli("ingest", str(f))
+    assert res.exit_code == 0
+    for label in (
+        "items",
+        "samples",
+        "new observations",
+        "duplicates",
+        "conflicts",
+        "rejected samples",
+        "buckets changed",
+        "ledger postings",
+    ):
+        assert label in res.stdout
+    assert "0.830000000 EUR" in res.stdout
+    res = cli("-q", "ingest", str(f))
+    assert (res.exit_code, res.stdout, res.stderr) == (0, "", "")
+
+
+def test_help_has_examples(cli: CliRunnerFn) -> None:
+    res = cli("ingest", "--help")
+    assert res.exit_code == 0
+    assert "Examples:" in res.stdout
+    assert "billing ingest -" in res.stdout or "| billing ingest -" in res.stdout
