@@ -183,3 +183,31 @@ def test_help_has_examples(cli: Any) -> None:
     assert res.exit_code == 0
     assert "Examples:" in res.stdout
     assert "--by" in res.stdout
+
+
+def test_json_and_csv_are_streamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each row is written before the next is pulled from the store (no list in memory)."""
+    from billing_cli.cli._context import AppContext
+    from billing_cli.cli._rows import OutputFormat, write_rows
+
+    formats: list[OutputFormat] = ["json", "csv"]
+    for fmt in formats:
+        buf = io.StringIO()
+        monkeypatch.setattr("sys.stdout", buf)
+
+        def rows(buf: io.StringIO = buf) -> Any:
+            for i in range(5):
+                # by the time row i is requested, row i-1 is already written out
+                if i:
+                    assert f"u{i - 1}" in buf.getvalue()
+                assert f"u{i}" not in buf.getvalue()
+                yield {"uuid": f"u{i}", "total_bytes": i}
+
+        app = AppContext(registry_path=Path("x"), registry_explicit=False, db_url="x")
+        n = write_rows(app, fmt, ["uuid", "total_bytes"], rows(), title="t", empty_message="-")
+        assert n == 5
+        expected = [{"uuid": f"u{i}", "total_bytes": i} for i in range(5)]
+        if fmt == "json":
+            assert json.loads(buf.getvalue()) == expected
+        else:
+            assert buf.getvalue().splitlines()[-1] == "u4,4"

@@ -469,3 +469,24 @@ def test_period_start_on_timestamps_with_datetime() -> None:
     assert (
         period_start_ns(ns, pricing()) == int(datetime(2026, 6, 1, tzinfo=UTC).timestamp()) * 10**9
     )
+
+
+def test_peak_window_on_repeated_and_skipped_local_hours() -> None:
+    """Fall back repeats 02:00-03:00 Berlin (both occurrences are peak); spring forward skips it."""
+    window = {"timezone": "Europe/Berlin", "start": "02:00", "end": "03:00", "multiplier": "5"}
+    p = pricing(unit="B", price_per_unit="1", peak=[window])
+
+    def amount(utc: str) -> int:
+        return one(p, bucket(1, 0, at=at(utc))).amount_nano
+
+    # 2026-10-25: 02:00-03:00 CEST = 00:00-01:00Z, then 02:00-03:00 CET = 01:00-02:00Z
+    assert amount("2026-10-24T23:59:00Z") == 10**9
+    assert amount("2026-10-25T00:00:00Z") == 5 * 10**9
+    assert amount("2026-10-25T00:59:00Z") == 5 * 10**9
+    assert amount("2026-10-25T01:00:00Z") == 5 * 10**9
+    assert amount("2026-10-25T01:59:00Z") == 5 * 10**9
+    assert amount("2026-10-25T02:00:00Z") == 10**9
+    # 2026-03-29: 02:00 CET jumps to 03:00 CEST at 01:00Z; no minute is local 02:xx
+    assert [amount(f"2026-03-29T{h:02d}:{m:02d}:00Z") for h in range(3) for m in (0, 30, 59)] == [
+        10**9
+    ] * 9
