@@ -2,7 +2,7 @@
 
 Import in a test module and use the ``sim_fleet`` fixture factory::
 
-    from tests.simfleet import sim_fleet  # noqa: F401  (re-export the fixture)
+    from simfleet import sim_fleet  # re-export the fixture (tests/ is on sys.path)
 
     def test_x(sim_fleet):
         sim = sim_fleet(nodes=2, series=20, mtls=True, bearer=True)

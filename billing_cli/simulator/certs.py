@@ -53,9 +53,15 @@ def make_pki(
     server_names: Iterable[str] = DEFAULT_SERVER_NAMES,
     server_not_after: dt.datetime | None = None,
 ) -> SimPKI:
+    """New CA + server + client certificates in ``directory``.
+
+    ``server_not_after`` in the past issues an already expired server certificate (for
+    tests of the expired-certificate error); its validity then starts ten days earlier.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
-    server = ca.issue_cert(*server_names, not_after=server_not_after)
+    not_before = server_not_after - dt.timedelta(days=10) if server_not_after else None
+    server = ca.issue_cert(*server_names, not_before=not_before, not_after=server_not_after)
     client = ca.issue_cert("billing-collector@sim.example")
     pki = SimPKI(
         dir=directory,
