@@ -225,20 +225,43 @@ def status_document(statuses: list[SourceStatus], unattributed: int, now: int) -
     }
 
 
+# The counts worth a glance in the table (all of them are in --json), with short labels.
+_TABLE_COUNTS = (
+    ("items", "items"),
+    ("new_observations", "new"),
+    ("conflicts", "conflicts"),
+    ("rejected", "rejected"),
+    ("anomalies", "anomalies"),
+    ("adjustments", "adjustments"),
+)
+
+
 def _counts_text(run: SourceRunResult | None) -> str:
     if run is None:
         return "-"
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(run.counts.items()) if v)
+    shown = ", ".join(
+        f"{run.counts[key]} {label}" for key, label in _TABLE_COUNTS if run.counts.get(key)
+    )
     return f"{run.kind} {run.outcome}" + (f": {shown}" if shown else "")
+
+
+def _short_time(ns: int | None, now: int) -> str:
+    """``02:02:36Z`` today, ``2026-11-23 23:59:01Z`` otherwise: the table must stay narrow."""
+    if ns is None:
+        return "-"
+    full = format_rfc3339_ns(ns - ns % 1_000_000_000)
+    if full[:10] == format_rfc3339_ns(now)[:10]:
+        return full[11:]
+    return full.replace("T", " ")
 
 
 def _render_table(statuses: list[SourceStatus], now: int) -> Table:
     table = Table(title=f"Sources at {format_rfc3339_ns(now - now % 1_000_000_000)}")
-    for col in ("source", "enabled", "health", "last success", "lag", "failures"):
+    for col in ("source", "enabled", "health", "lag", "failures", "last success"):
         table.add_column(col, no_wrap=True)
-    table.add_column("last run")
-    table.add_column("integrity", justify="right")
-    table.add_column("last error / reasons")
+    table.add_column("last run", min_width=12)
+    table.add_column("events", justify="right", no_wrap=True)
+    table.add_column("last error / reasons", min_width=20)
     for s in statuses:
         cp = s.checkpoint
         lag = s.verdict.lag_s
@@ -249,14 +272,13 @@ def _render_table(statuses: list[SourceStatus], now: int) -> Table:
         if error and len(error) > _TABLE_ERROR_WIDTH:
             error = error[: _TABLE_ERROR_WIDTH - 1] + "…"
         detail = error or "; ".join(s.verdict.reasons) or ""
-        succeeded = cp.last_succeeded_at_ns if cp else None
         table.add_row(
             s.source_id,
             "yes" if s.enabled else "no",
             Text(s.verdict.health.value, style=_STYLE[s.verdict.health]),
-            "-" if succeeded is None else format_rfc3339_ns(succeeded - succeeded % 1_000_000_000),
             lag_text,
             str(cp.consecutive_failures if cp else 0),
+            _short_time(cp.last_succeeded_at_ns if cp else None, now),
             _counts_text(s.last_run),
             str(s.open_integrity_events),
             Text(detail),
