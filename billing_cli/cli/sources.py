@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import click
 import orjson
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from billing_cli._errors import ConfigError, UsageError
@@ -153,10 +154,13 @@ def list_sources(
     )
     table = Table(title=title, title_justify="left")
     for col in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
-        table.add_column(col, overflow="fold")
+        # Only the URL may wrap: ids and the short columns stay greppable on one line.
+        table.add_column(
+            col, overflow="fold", no_wrap=col != "url", min_width=20 if col == "url" else None
+        )
     for s in registry.sources:
         table.add_row(
-            f"{s.source_id} (legacy)" if registry.legacy else s.source_id,
+            s.source_id,
             s.node_id,
             s.env,
             s.base_url,
@@ -165,7 +169,11 @@ def list_sources(
             "yes" if s.enabled else "no",
             s.effective_collect_interval,
         )
-    app_ctx.out.print(table)
+    # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
+    out = app_ctx.out
+    if not out.is_terminal:
+        out = Console(file=out.file, width=max(out.width, 200), color_system=None)
+    out.print(table)
 
 
 SHOW_HELP = """\

@@ -25,7 +25,7 @@ from typing import Any
 import tomlkit
 from tomlkit.container import Container
 from tomlkit.exceptions import TOMLKitError
-from tomlkit.items import AoT, Comment, Item, Null, Table, Whitespace
+from tomlkit.items import AoT, Array, Comment, Item, Null, Table, Whitespace
 
 from billing_cli._errors import ConfigError, RegistryError
 from billing_cli.registry.load import parse_registry_text
@@ -105,7 +105,11 @@ def remove_source(path: Path, source_id: str) -> Registry:
             if tail and isinstance(tail[0], Whitespace) and _ends_blank(before):
                 tail = tail[1:]  # avoid a double blank line where the entry was
             before.body.extend((None, item) for item in tail)
-        del aot[i]
+        if len(aot) == 1:
+            # tomlkit renders an empty AoT as `sources = []` at the top of the file.
+            del doc["sources"]
+        else:
+            del aot[i]
 
     return _edit(path, change, create=False)
 
@@ -152,8 +156,10 @@ def _edit(
                 "or copy sources.example.toml)"
             ) from None
         original, exists = NEW_FILE_HEADER, False
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path}: cannot read: {exc}") from None
+    except UnicodeDecodeError:
+        raise RegistryError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read: {exc.strerror}") from None
 
     try:
         doc = tomlkit.parse(original)
@@ -207,6 +213,9 @@ def atomic_write(path: Path, text: str, *, exists: bool) -> None:
 
 
 def _sources_aot(doc: tomlkit.TOMLDocument, *, create: bool) -> AoT:
+    current = doc.get("sources")
+    if isinstance(current, Array) and len(current) == 0:
+        del doc["sources"]  # `sources = []`: replace by a real [[sources]] array of tables
     if "sources" not in doc:
         if not create:
             return tomlkit.aot()
