@@ -21,3 +21,10 @@ def register(app: typer.Typer) -> None:
     from billing_cli.cli import ingest
 
     app.command("ingest", help=ingest.HELP)(ingest.ingest_command)
+    from billing_cli.cli import collect, reconcile
+
+    app.command("collect", help=collect.HELP)(collect.collect_command)
+    app.command("reconcile", help=reconcile.HELP)(reconcile.reconcile_command)
+    from billing_cli.cli import demo
+
+    app.command("demo", help=demo.HELP)(demo.demo_command)
