@@ -21,6 +21,7 @@ import trustme
 
 from billing_cli._errors import (
     AuthError,
+    ConfigError,
     CredentialError,
     HTTPStatusError,
     RedirectRefusedError,
@@ -463,3 +464,48 @@ def test_build_config_mismatched_key_refused(
         )
     assert "client certificate/key could not be loaded" in str(ei.value)
     assert "PRIVATE KEY" not in str(ei.value)
+
+
+def test_build_config_without_ca_ref_refuses_silent_system_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIM_TOKEN", TOKEN)
+    with pytest.raises(ConfigError) as ei:
+        build_transport_config(_source(ca_bundle_ref=None))
+    assert "ca_bundle_ref" in str(ei.value)
+    assert '"system"' in str(ei.value)
+
+
+def test_build_config_from_real_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from billing_cli.registry.load import parse_registry_text
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    monkeypatch.setenv("SIM_TOKEN", TOKEN)
+    text = f"""
+[defaults]
+request_timeout = "4s"
+ca_bundle_ref = "file:{ca_file}"
+max_response_bytes = 5000000
+retry_attempts = 5
+
+[[sources]]
+source_id = "jp-1"
+node_id = "jp-1"
+env = "prod"
+base_url = "https://10.0.0.5:9550/"
+auth_mode = "bearer"
+credential_ref = "env:SIM_TOKEN"
+server_name = "jp-1.exporter.internal"
+"""
+    registry = parse_registry_text(text, tmp_path / "sources.toml")
+    cfg = build_transport_config(registry.sources[0])
+    assert cfg.timeout_s == 4.0
+    assert cfg.max_response_bytes == 5_000_000
+    assert cfg.retry_attempts == 5
+    assert cfg.server_name == "jp-1.exporter.internal"
+    assert cfg.base_url == "https://10.0.0.5:9550"
+    assert cfg.bearer_token == TOKEN
+    assert cfg.ssl_context is not None
+    assert len(cfg.ssl_context.get_ca_certs()) == 1

@@ -127,19 +127,28 @@ def build_transport_config(
     defaults: object | None = None,
     *,
     budget_s: float | None = None,
-    retry_attempts: int = DEFAULT_RETRY_ATTEMPTS,
+    retry_attempts: int | None = None,
 ) -> TransportConfig:
     """Resolve a source's refs into a ready ``TransportConfig``.
 
-    Raises ``CredentialError`` (a ref cannot be resolved, or its material is not valid
-    PEM) or ``ConfigError``. Messages name the ref, never its value.
+    ``source`` is the registry's ``SourceConfig`` (its ``effective_*`` values, which
+    include ``[defaults]``, are used when present); ``defaults`` overrides
+    ``source.defaults``. Raises ``CredentialError`` (a ref cannot be resolved, or its
+    material is not valid PEM) or ``ConfigError``. Messages name the ref, never its value.
     """
     sid = source.source_id
+    dflt = defaults if defaults is not None else getattr(source, "defaults", None)
     base_url = str(source.base_url).rstrip("/")
     auth = source.auth_mode
-    timeout = source.request_timeout_s or getattr(defaults, "request_timeout_s", None)
+    timeout = source.request_timeout_s or getattr(dflt, "request_timeout_s", None)
     timeout_s = float(timeout) if timeout else DEFAULT_TIMEOUT_S
-    max_bytes = getattr(source, "max_response_bytes", None) or DEFAULT_MAX_RESPONSE_BYTES
+    max_bytes = (
+        getattr(source, "effective_max_response_bytes", None)
+        or getattr(source, "max_response_bytes", None)
+        or getattr(dflt, "max_response_bytes", None)
+        or DEFAULT_MAX_RESPONSE_BYTES
+    )
+    attempts = retry_attempts or getattr(dflt, "retry_attempts", None) or DEFAULT_RETRY_ATTEMPTS
 
     token: str | None = None
     if "bearer" in auth:
@@ -161,7 +170,17 @@ def build_transport_config(
                 cert=_pem_source(source.client_cert_ref, sid, "client_cert_ref"),
                 key=_pem_source(source.client_key_ref, sid, "client_key_ref"),
             )
-        ca_ref = source.ca_bundle_ref or getattr(defaults, "ca_bundle_ref", None) or "system"
+        ca_ref = (
+            getattr(source, "effective_ca_bundle_ref", None)
+            or source.ca_bundle_ref
+            or getattr(dflt, "ca_bundle_ref", None)
+        )
+        if not ca_ref:
+            # The OS trust store is an explicit opt-in, never a silent fallback.
+            raise ConfigError(
+                f"source '{sid}': https needs ca_bundle_ref (file:/path/to/ca.pem, or "
+                f'"system" for the OS trust store) on the source or in [defaults]'
+            )
         ca_pem = (
             None
             if ca_ref.strip() == "system"
@@ -182,8 +201,8 @@ def build_transport_config(
         server_name=source.server_name or None,
         timeout_s=timeout_s,
         max_response_bytes=int(max_bytes),
-        retry_attempts=retry_attempts,
-        budget_s=budget_s if budget_s is not None else default_budget_s(timeout_s, retry_attempts),
+        retry_attempts=int(attempts),
+        budget_s=budget_s if budget_s is not None else default_budget_s(timeout_s, attempts),
     )
 
 
