@@ -1,0 +1,172 @@
+"""The ``billing`` root: version, help with examples on EVERY command, global options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import typer
+
+from billing_cli import __version__
+from billing_cli.cli import app as app_module
+from billing_cli.cli._context import AppContext
+
+REGISTRY = """\
+[defaults]
+ca_bundle_ref = "system"
+
+[[sources]]
+source_id = "a"
+node_id = "n1"
+env = "prod"
+base_url = "https://a.example.net"
+auth_mode = "bearer"
+credential_ref = "env:A"
+"""
+
+
+def command_paths() -> Iterator[tuple[str, ...]]:
+    """Every command and group of the real command tree, including ones added later."""
+    root = typer.main.get_command(app_module.app)
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        yield path
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                if not sub.hidden:
+                    yield from walk(sub, (*path, name))
+
+    yield from walk(root, ())
+
+
+PATHS = list(command_paths())
+
+
+def test_tree_has_the_sources_commands() -> None:
+    for verb in ("add", "list", "show", "remove", "enable", "disable"):
+        assert ("sources", verb) in PATHS
+
+
+def test_version(cli: Any) -> None:
+    res = cli("--version")
+    assert res.exit_code == 0
+    assert res.stdout == f"billing {__version__}\n"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: " ".join(p) or "billing")
+def test_every_help_has_examples(cli: Any, path: tuple[str, ...]) -> None:
+    res = cli(*path, "--help")
+    assert res.exit_code == 0, res.output
+    assert "Examples:" in res.stdout
+    # The examples are runnable lines of this very command.
+    assert f"billing {' '.join(path)}".rstrip() in res.stdout
+
+
+def test_no_args_shows_help(cli: Any) -> None:
+    res = cli()
+    assert "Usage: billing" in res.output
+    assert "sources" in res.output
+
+
+def test_unknown_command_is_a_usage_error(cli: Any) -> None:
+    res = cli("sourcez")
+    assert res.exit_code == 2
+    assert "Traceback" not in res.output
+
+
+@pytest.fixture
+def contexts(monkeypatch: pytest.MonkeyPatch) -> list[AppContext]:
+    """Capture the AppContext the root callback builds, to see the resolved options."""
+    seen: list[AppContext] = []
+
+    class Capturing(AppContext):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr(app_module, "AppContext", Capturing)
+    return seen
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    path = tmp_path / "fleet.toml"
+    path.write_text(REGISTRY)
+    return path
+
+
+def test_global_options_after_the_subcommand(
+    cli: Any, registry: Path, contexts: list[AppContext]
+) -> None:
+    res = cli(
+        "sources", "list", "--json", "--registry", str(registry), "--db", "x.db",
+        "--log-format", "json", "-q",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (ctx,) = contexts
+    assert ctx.registry_path == registry
+    assert ctx.registry_explicit is True
+    assert ctx.db_url == "x.db"
+    assert ctx.log_format == "json"
+    assert ctx.quiet
+
+
+def test_global_options_with_equals_sign(cli: Any, registry: Path) -> None:
+    res = cli("sources", "show", "a", f"--registry={registry}", "--json")
+    assert res.exit_code == 0, res.output
+    assert '"source_id": "a"' in res.stdout
+
+
+def test_registry_env_is_explicit(
+    cli: Any, registry: Path, contexts: list[AppContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BILLING_REGISTRY", str(registry))
+    assert cli("sources", "list").exit_code == 0
+    assert contexts[0].registry_path == registry
+    assert contexts[0].registry_explicit is True
+
+
+def test_registry_default(cli: Any, contexts: list[AppContext]) -> None:
+    cli("sources", "list")
+    assert contexts[0].registry_path == Path("sources.toml")
+    assert contexts[0].registry_explicit is False
+
+
+@pytest.mark.parametrize(
+    ("flag", "billing_env", "legacy_env", "expected"),
+    [
+        (None, None, None, "billing.db"),
+        (None, None, "postgresql://legacy/db", "postgresql://legacy/db"),
+        (None, "postgresql://new/db", "postgresql://legacy/db", "postgresql://new/db"),
+        ("flag.db", "postgresql://new/db", "postgresql://legacy/db", "flag.db"),
+    ],
+)
+def test_db_precedence(
+    cli: Any,
+    registry: Path,
+    contexts: list[AppContext],
+    monkeypatch: pytest.MonkeyPatch,
+    flag: str | None,
+    billing_env: str | None,
+    legacy_env: str | None,
+    expected: str,
+) -> None:
+    if billing_env:
+        monkeypatch.setenv("BILLING_DATABASE_URL", billing_env)
+    if legacy_env:
+        monkeypatch.setenv("DATABASE_URL", legacy_env)
+    args = ["sources", "list", "--registry", str(registry)]
+    if flag:
+        args += ["--db", flag]
+    assert cli(*args).exit_code == 0
+    assert contexts[0].db_url == expected
+
+
+def test_bad_log_format_is_a_usage_error(cli: Any) -> None:
+    res = cli("sources", "list", "--log-format", "xml")
+    assert res.exit_code == 2
+    assert "xml" in res.output
+    assert "Traceback" not in res.output
