@@ -284,3 +284,18 @@ def test_redirect_not_followed(sim_fleet: SimFactory) -> None:
         client.get_latest()
     assert "elsewhere.example" in str(ei.value)
     assert "redirect-secret" not in str(ei.value)
+
+
+def test_always_truncated_body_fails_after_retries(sim_fleet: SimFactory) -> None:
+    sim = sim_fleet(mtls=True)
+    sim.fleet.node(NODE).set_fault("truncate")
+    sleeps = Sleeps()
+    with (
+        SourceClient(sim.transport_config(NODE), sleep=sleeps) as client,
+        pytest.raises(SourceError) as ei,
+    ):
+        client.get_latest()
+    assert type(ei.value) is TransportError
+    assert "broke while reading the response" in str(ei.value)
+    assert "after 3 attempts" in str(ei.value)
+    assert len(sleeps.calls) == 2

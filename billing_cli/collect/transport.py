@@ -410,11 +410,11 @@ class SourceClient:
                 )
             ) from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
-            self._raise_network(exc)
+            self._raise_network(exc, reading=True)
         finally:
             response.close()
 
-    def _raise_network(self, exc: BaseException) -> NoReturn:
+    def _raise_network(self, exc: BaseException, *, reading: bool = False) -> NoReturn:
         kind = classify_tls_error(exc)
         host = self._host
         name = self.config.server_name
@@ -459,7 +459,12 @@ class SourceClient:
         # Plain network failure: worth retrying.
         detail = _short_reason(exc)
         what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        raise _Retryable(self._err(TransportError, f"cannot reach {host} ({what})")) from None
+        where = (
+            f"connection to {host} broke while reading the response"
+            if reading
+            else f"cannot reach {host}"
+        )
+        raise _Retryable(self._err(TransportError, f"{where} ({what})")) from None
 
     def _read(self, response: httpx.Response, started: float, timeout_s: float) -> bytes:
         status = response.status_code
