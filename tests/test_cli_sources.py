@@ -423,6 +423,12 @@ def test_legacy_shim_listed_as_legacy(cli: Any, monkeypatch: pytest.MonkeyPatch)
     assert res.exit_code == 2
     assert "the legacy source comes from EXPORTER_BASE_URL" in res.stderr
 
+    # Adding a source creates the registry, which ends legacy mode: say so.
+    res = cli(*ADD_JP)
+    assert res.exit_code == 0, res.output
+    assert "EXPORTER_BASE_URL (legacy mode) is no longer used" in res.stderr
+    assert [s["source_id"] for s in list_json(cli)["sources"]] == ["jp-1"]
+
 
 def test_missing_registry_is_one_line(cli: Any) -> None:
     res = cli("sources", "list")

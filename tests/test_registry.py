@@ -276,7 +276,7 @@ CASES: list[tuple[str, str, str]] = [
         "env-ref-bad-name",
         toml(credential_ref='"env:MY-TOKEN"'),
         R + "credential_ref: env: must be followed by an environment variable name "
-        "(letters, digits, _), e.g. env:EXPORTER_TOKEN (value not shown)",
+        "(letters, digits, _; at most 64), e.g. env:EXPORTER_TOKEN (value not shown)",
     ),
     (
         "systemd-ref-bad-name",
@@ -394,6 +394,7 @@ def test_rule(text: str, message: str) -> None:
         "ghp_aZ3xQ9sEcReT0kEn1234567890abcdef",
         "env:not a name hunter2",
         "file:relative/hunter2",
+        "env:ghp_hunter2aZ3xQ9sEcReT0kEn1234567890abcdefABCDEF1234567890abcdef",
     ],
 )
 def test_ref_errors_never_echo_the_value(secret: str) -> None:

@@ -348,9 +348,17 @@ def add_source(
         "api": api,
         "allow_insecure_http": True if allow_insecure_http else None,
     }
+    created = not app_ctx.registry_path.exists()
     edit.add_source(app_ctx.registry_path, fields)
     state = "disabled" if disabled else "enabled"
     _say(app_ctx, f"added source '{source_id}' ({state}) to {app_ctx.registry_path}")
+    if created and os.environ.get("EXPORTER_BASE_URL") and not app_ctx.quiet:
+        app_ctx.err.print(
+            f"note: {app_ctx.registry_path} now exists, so EXPORTER_BASE_URL (legacy mode) "
+            "is no longer used; add that exporter as a source too if you still need it",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _implied_auth_mode(

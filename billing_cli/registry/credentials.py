@@ -26,9 +26,11 @@ RefKind = Literal["env", "file", "systemd", "system"]
 # CA bundles and client certificates are public material.
 SECRET_FIELDS = frozenset({"credential_ref", "client_key_ref"})
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Length caps: a 40-character "name" is more likely a pasted token than a variable name,
+# and it would be echoed in "environment variable X is not set".
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # systemd credential names: no slashes, no leading dot (they are file names in a directory).
-_SYSTEMD_NAME = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9_.@:-]*")
+_SYSTEMD_NAME = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9_.@:-]{0,127}")
 _PREFIXES = ("env:", "file:", "systemd:")
 REF_SYNTAX = "env:NAME, file:/abs/path or systemd:NAME"
 
@@ -74,7 +76,7 @@ class CredentialRef:
             if not _ENV_NAME.fullmatch(name):
                 raise RefSyntaxError(
                     f"{field}: env: must be followed by an environment variable name "
-                    f"(letters, digits, _), e.g. env:EXPORTER_TOKEN (value not shown)"
+                    f"(letters, digits, _; at most 64), e.g. env:EXPORTER_TOKEN (value not shown)"
                 )
             return cls("env", name)
         if value.startswith("file:"):
