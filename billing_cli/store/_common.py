@@ -157,6 +157,12 @@ class SqlStore:
                 raise StoreError(
                     f"database {self.url_for_display}: could not {what}: {first}"
                 ) from None
+            except OverflowError:
+                # SQLite's driver refuses ints outside 64 bits before the database sees them.
+                raise StoreError(
+                    f"database {self.url_for_display}: could not {what}: a value is outside"
+                    " the 64-bit integer range (bytes < 2^63, amounts < 2^63 nano-units)"
+                ) from None
 
     def _migrate(self) -> None:
         with self.db.transaction():
