@@ -17,6 +17,7 @@ from simfleet import SimFleet, sim_fleet
 
 from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.collect.transport import SourceClient, build_transport_config
+from billing_cli.registry.load import parse_registry_text
 from billing_cli.simulator import Fleet, SimNode, format_cursor
 from billing_cli.wire import parse_window_page
 
@@ -336,11 +337,14 @@ def test_registry_snippet_round_trips_through_build_transport_config(
         assert os.stat(token_file).st_mode & 0o077 == 0
         for token in sim.fleet.tokens.values():
             assert token not in sim.registry_toml  # refs, never secrets
-        with SourceClient(build_transport_config(as_source(s))) as client:
-            last = sim.fleet.node(s["node_id"]).last_collected_at
+    # The registry's own loader accepts the snippet, and the transport works from it.
+    registry = parse_registry_text(sim.registry_toml, sim.dir / "sources.toml")
+    for src in registry.sources:
+        with SourceClient(build_transport_config(src)) as client:
+            last = sim.fleet.node(src.node_id).last_collected_at
             assert last is not None
             page = parse_window_page(client.get_window(last - 5 * NS_PER_MINUTE, last, 10, None))
-        assert page.node_id == s["node_id"]
+        assert page.node_id == src.node_id
         assert len(page.items) == 6
 
 

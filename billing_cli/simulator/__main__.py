@@ -20,6 +20,7 @@ Examples:
   scripts/simulator --nodes 3 --series 200 --port 9550 --cert-dir /tmp/sim-certs
   scripts/simulator --nodes 20 --series 2000 --minutes 60 --bearer --no-mtls
   scripts/simulator --nodes 1 --insecure-http     # plain http on loopback (dev only)
+  scripts/simulator --nodes 20 --series 2000 --tick 0 --registry-out /tmp/fleet.toml &
 """
 
 
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--insecure-http", action="store_true", help="plain http (loopback dev)")
     p.add_argument("--items-key", choices=["snapshots", "items"], default="snapshots")
     p.add_argument("--tick", type=float, default=60.0, help="seconds per new minute (0: off)")
+    p.add_argument(
+        "--registry-out",
+        type=Path,
+        help="also write the [[sources]] snippet to this file once the server listens",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     snippet = registry_snippet(
         fleet, pki, mtls=pki is not None and not args.no_mtls, token_dir=token_dir
     )
+    if args.registry_out is not None:
+        tmp = args.registry_out.with_name(args.registry_out.name + ".tmp")
+        tmp.write_text(snippet)
+        tmp.replace(args.registry_out)  # atomic: a waiting script never reads half a file
     print(f"# simulator listening on {fleet.url} ({args.nodes} nodes x {args.series} series)")
     print("# add to sources.toml:\n")
     print(snippet, flush=True)
