@@ -471,3 +471,29 @@ def test_no_temp_files_left_behind(cli: Any, registry: Path) -> None:
     assert cli("sources", "disable", "a").exit_code == 0
     assert cli("sources", "remove", "b").exit_code == 0
     assert sorted(os.listdir(registry.parent)) == ["sources.toml"]
+
+
+def test_editor_waits_for_the_directory_lock(tmp_path: Path) -> None:
+    """A second editor blocks while another holds the lock, then applies its change."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    billing = Path(sys.executable).parent / "billing"
+    registry = tmp_path / "sources.toml"
+    registry.write_text(COMMENTED)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "EXPORTER_"))}
+    args = [str(billing), "--registry", str(registry), "sources", "disable", "a"]
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.5)  # ample time to start and reach the lock
+        assert proc.poll() is None, proc.communicate()
+        assert registry.read_text() == COMMENTED
+    finally:
+        os.close(fd)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "enabled = false" in registry.read_text()

@@ -15,10 +15,11 @@ atomic (temp file in the same directory, fsync, ``os.replace``) and keep the fil
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,36 @@ def _edit(
     write_if: Callable[[], bool] = lambda: True,
 ) -> Registry:
     target = path.resolve() if path.is_symlink() else path
+    with _directory_lock(target.parent):
+        return _edit_locked(path, target, change, create=create, write_if=write_if)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """Serialise editors: two `sources add` at once must not lose one of the entries.
+
+    The registry file itself cannot carry the lock (``os.replace`` swaps its inode), and a
+    lock file would litter /etc; an flock on the directory leaves nothing behind.
+    """
+    try:
+        fd = os.open(directory if str(directory) else ".", os.O_RDONLY)
+    except OSError as exc:
+        raise RegistryError(f"{directory}: cannot open directory: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _edit_locked(
+    path: Path,
+    target: Path,
+    change: Callable[[tomlkit.TOMLDocument], None],
+    *,
+    create: bool,
+    write_if: Callable[[], bool],
+) -> Registry:
     try:
         original = target.read_text(encoding="utf-8")
         exists = True
