@@ -211,3 +211,27 @@ def test_json_and_csv_are_streamed(monkeypatch: pytest.MonkeyPatch) -> None:
             assert json.loads(buf.getvalue()) == expected
         else:
             assert buf.getvalue().splitlines()[-1] == "u4,4"
+
+
+def test_json_keeps_integers_beyond_64_bits() -> None:
+    """Totals can exceed 2^64 (orjson's limit); they are still written exactly."""
+    from billing_cli.cli._rows import _dumps
+
+    big = 2**70 + 3
+    assert json.loads(_dumps({"uuid": "u", "total_bytes": big})) == {
+        "uuid": "u",
+        "total_bytes": big,
+    }
+    assert _dumps({"a": 1}) == '{"a":1}'
+
+
+def test_table_is_capped_with_a_hint(
+    cli: Any, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("billing_cli.cli._rows.TABLE_ROW_LIMIT", 2)
+    res = cli("--db", store_url, "usage")
+    assert res.exit_code == 0
+    assert "showing the first 2 rows" in res.stderr
+    assert res.stdout.count("2026-11-24T") == 2
+    # json is never capped
+    assert len(_json(cli("--db", store_url, "usage", "--json"))) == 5

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import orjson
 from rich import box
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 OutputFormat = Literal["table", "json", "csv"]
 FORMATS: tuple[OutputFormat, ...] = ("table", "json", "csv")
 Cell = str | int
+T = TypeVar("T")
 
 # Rows rendered as a table are for people; past this many, say so and suggest json/csv.
 TABLE_ROW_LIMIT = 10_000
@@ -118,6 +119,21 @@ def open_existing_store(app: AppContext) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+@contextmanager
+def closing_rows(rows: Iterator[T]) -> Iterator[Iterator[T]]:
+    """Close a store's row iterator on exit, before the store itself is closed.
+
+    Output may stop early (a capped table, ``| head`` closing the pipe); a store cursor
+    left suspended would otherwise be finalised later, against a closed connection.
+    """
+    try:
+        yield rows
+    finally:
+        close = getattr(rows, "close", None)
+        if callable(close):
+            close()
 
 
 def _dumps(row: Mapping[str, Cell]) -> str:

@@ -14,6 +14,7 @@ from billing_cli.cli._rows import (
     FORMATS,
     Cell,
     build_filter,
+    closing_rows,
     open_existing_store,
     output_format,
     write_rows,
@@ -143,8 +144,7 @@ def ledger_command(
     flt = build_filter(
         app, sources=source or (), node_id=node_id, env=env, uuid=uuid, since=since, until=until
     )
-    with open_existing_store(app) as store:
-        rows = store.iter_ledger(flt)
+    with open_existing_store(app) as store, closing_rows(store.iter_ledger(flt)) as rows:
         if totals:
             write_rows(
                 app,
