@@ -426,3 +426,12 @@ def test_status_never_creates_a_missing_sqlite_database(
     assert code == 1
     assert {s["health"] for s in doc["sources"]} == {"failing", "disabled"}
     assert not db.exists()
+
+
+def test_unreachable_database_exits_four(cli: Any, registry: Path) -> None:
+    res = cli(
+        "status", "--registry", str(registry), "--db", "postgresql://nobody:s3cretpw@127.0.0.1:1/x"
+    )
+    assert res.exit_code == 4, res.output
+    assert res.stderr.count("\n") == 1
+    assert "s3cretpw" not in res.stderr

@@ -76,7 +76,11 @@ def code_snippets(text: str) -> list[str]:
     snippets: list[str] = []
     for lang, body in _FENCE.findall(text):
         if lang.lower() in _SHELL_FENCES:
-            snippets.extend(body.replace("\\\n", " ").splitlines())
+            for line in body.replace("\\\n", " ").splitlines():
+                # Drop shell comments: "# runs `billing demo`" is prose, not a command.
+                code = line.split(" #", 1)[0]
+                if not code.lstrip().startswith("#"):
+                    snippets.append(code)
     # Headings and inline code outside fenced blocks (a "# comment" in a block is no heading).
     prose = _FENCE.sub("", text)
     snippets.extend(h.replace("`", " ") for h in _HEADING.findall(prose))
@@ -89,6 +93,9 @@ def invocations(text: str) -> list[str]:
     found: list[str] = []
     for snippet in code_snippets(text):
         for m in _INVOCATION.finditer(snippet):
+            before = snippet[: m.start()].split()
+            if before and before[-1].startswith("-"):
+                continue  # a value, e.g. the user in `crontab -u billing file`
             found.append(m.group(1))
     return found
 
@@ -225,7 +232,8 @@ def test_checker_parses_invocations_from_code_only() -> None:
 Plain prose about billing collect is not an example.
 
 ```bash
-billing --db /var/lib/billing.db collect -q   # every minute
+billing --db /var/lib/billing.db collect -q   # every minute, not `billing nothing`
+crontab -u billing crontab.example
 /usr/local/bin/billing sources list \\
     --json
 ```
@@ -243,6 +251,7 @@ Run `billing status --json` or `billing nosuch`.
     assert "status --json" in got
     assert "nosuch" in got
     assert not any("nothing" in a for a in got)
+    assert not any("crontab" in a for a in got)
     assert not any(a.startswith("collect is") for a in got)
 
 
