@@ -221,3 +221,46 @@ def test_quiet_demo_prints_nothing(cli: Any, tmp_path: Path) -> None:
     res = cli("-q", "demo", "--dir", str(tmp_path / "demo"))
     assert res.exit_code == 0, res.output
     assert res.stdout == ""
+
+
+def test_keep_running_advances_the_fleet_until_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing_cli.demo import keep_serving
+
+    calls: list[int] = []
+    real_advance = Fleet.advance
+
+    def advance(self: Fleet, minutes: int = 1) -> None:
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the operator's Ctrl-C while serving
+        calls.append(minutes)
+        real_advance(self, minutes)
+
+    said: list[str] = []
+    serve = keep_serving(said.append, tick_s=0.01)
+
+    # Fleet.advance is only patched for the serving phase, not for the demo's own steps.
+    def serve_patched(result: DemoResult) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(Fleet, "advance", advance)
+            before = {n: len(f.node(n).collected_ats()) for n, f in result.fleets.items()}
+            serve(result)
+            after = {n: len(f.node(n).collected_ats()) for n, f in result.fleets.items()}
+        assert sum(after.values()) - sum(before.values()) == 4
+        # While serving, the exporters answer: the port is open.
+        for port in result.ports:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    result, lines = quiet_demo(tmp_path / "demo", keep_running=serve_patched)
+    assert calls == [1, 1, 1, 1]
+    assert any("Ctrl-C" in line for line in said)
+    assert lines[-1] == "Simulated exporters stopped."
+    assert_closed(result.ports)
+
+
+def test_default_folder_is_billing_demo_in_the_working_directory(cli: Any, tmp_path: Path) -> None:
+    res = cli("-q", "demo")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "billing-demo" / MARKER).is_file()
+    assert (tmp_path / "billing-demo" / "billing.db").is_file()
