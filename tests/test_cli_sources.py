@@ -316,6 +316,19 @@ def test_remove_first_entry_keeps_section_comment(cli: Any, registry: Path) -> N
     assert text.endswith('# pricing: decimals as strings\n[pricing]\nprice_per_unit = "0.05"\n')
 
 
+def test_remove_first_entry_under_top_level_comments(cli: Any, tmp_path: Path) -> None:
+    entry = (
+        '[[sources]]\nsource_id = "{0}"\nnode_id = "n"\nenv = "e"\nbase_url = "https://{0}"\n'
+        'auth_mode = "bearer"\ncredential_ref = "env:T"\nca_bundle_ref = "system"\n'
+    )
+    path = tmp_path / "sources.toml"
+    path.write_text(
+        "# header\n\n# about x\n" + entry.format("x") + "\n# about y\n" + entry.format("y")
+    )
+    assert cli("sources", "remove", "x").exit_code == 0
+    assert path.read_text() == "# header\n\n# about y\n" + entry.format("y")
+
+
 def test_remove_last_entry_keeps_following_table_comment(cli: Any, registry: Path) -> None:
     assert cli("sources", "remove", "c").exit_code == 0
     text = registry.read_text()

@@ -345,7 +345,7 @@ def add_source(
         "server_name": server_name,
         "collect_interval": collect_interval,
         "request_timeout": request_timeout,
-        "api": api,
+        "api": None if api == "window" else api,  # omitted when the default
         "allow_insecure_http": True if allow_insecure_http else None,
     }
     created = not app_ctx.registry_path.exists()

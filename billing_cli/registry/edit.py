@@ -66,6 +66,8 @@ def add_source(path: Path, fields: dict[str, Any]) -> Registry:
     source_id = str(fields["source_id"])
 
     def change(doc: tomlkit.TOMLDocument) -> None:
+        if "sources" not in doc and doc.body and not doc.as_string().endswith("\n\n"):
+            doc.add(tomlkit.nl())  # a blank line between what is there and [[sources]]
         aot = _sources_aot(doc, create=True)
         if any(_entry_id(t) == source_id for t in aot):
             raise ConfigError(
@@ -85,8 +87,6 @@ def add_source(path: Path, fields: dict[str, Any]) -> Registry:
             last.body.append((None, Whitespace("\n")))
             for item in tail:
                 table.value.body.append((None, item))
-        elif len(doc.body) > 0 and not doc.as_string().endswith("\n\n"):
-            doc.add(tomlkit.nl())
         aot.append(table)
 
     return _edit(path, change, create=True)
@@ -345,6 +345,9 @@ def _move_top_level(doc: tomlkit.TOMLDocument, aot: AoT, tail: list[Item]) -> No
     while n >= 0 and body[n][0] is None and isinstance(body[n][1], Comment):
         body[n] = (None, Null())
         n -= 1
+    above = next((v for _, v in reversed(body[:pos]) if not isinstance(v, Null)), None)
+    if tail and isinstance(tail[0], Whitespace) and isinstance(above, Whitespace):
+        tail = tail[1:]  # avoid a double blank line where the entry was
     raw = "".join(item.as_string() for item in tail)
     if raw:
         slot = body[pos - 1][1]
