@@ -1,0 +1,418 @@
+"""``billing collect`` end to end: the real CLI against the simulated fleet over real TLS.
+
+Certificates come from a per-test trustme CA; every test ends by checking that none of
+the secrets in play (tokens, private keys, a redirect URL's token) appeared in any
+captured output line or in the database file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from _collect_support import (
+    Env,
+    expected_usage,
+    fleet_end_ns,
+    make_env,
+    store_usage,
+    usage_rows,
+)
+from conftest import CliRunnerFn
+from simfleet import SimFleet, sim_fleet  # noqa: F401  (fixture)
+
+from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
+from billing_cli.simulator import format_cursor
+from billing_cli.store import open_store
+from billing_cli.store.base import Batch, CheckpointAdvance
+
+# Tests that advance the simulated fleet need the overlap to reach back over its history
+# (the simulator's new minutes are a little in the past, see _collect_support.HEADROOM_MIN).
+WIDE_OVERLAP = 'overlap = "45m"'
+
+MakeEnv = Callable[..., Env]
+
+
+@pytest.fixture
+def make(
+    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    cli: CliRunnerFn,
+    tmp_path: Path,
+) -> Iterator[MakeEnv]:
+    envs: list[Env] = []
+
+    def factory(*, defaults: str = "", db: str | None = None, **kw: Any) -> Env:
+        kw.setdefault("end_ns", fleet_end_ns())
+        sim = sim_fleet(**kw)
+        env = make_env(sim, cli, db or str(tmp_path / f"billing{len(envs)}.db"), defaults=defaults)
+        envs.append(env)
+        return env
+
+    yield factory
+    for env in envs:
+        env.check_no_secrets()
+
+
+def only(doc: dict[str, Any], source_id: str = "node-01") -> dict[str, Any]:
+    rows = [s for s in doc["sources"] if s["source_id"] == source_id]
+    assert len(rows) == 1, doc
+    return rows[0]
+
+
+def all_items(env: Env, node_id: str = "node-01") -> dict[str, int]:
+    node = env.sim.fleet.node(node_id)
+    ats = node.collected_ats()
+    return expected_usage(node, ats[0], ats[-1])
+
+
+def checkpoint_until(env: Env, source_id: str = "node-01") -> int | None:
+    store = open_store(env.db)
+    try:
+        cp = store.get_checkpoint(source_id)
+        return cp.last_successful_until_ns if cp else None
+    finally:
+        store.close()
+
+
+# --- TLS and auth ----------------------------------------------------------------------
+
+
+def test_mtls_collect_gives_exact_totals(make: MakeEnv) -> None:
+    env = make(nodes=2, mtls=True, series=10, minutes=10)
+    doc = env.json("collect")
+    assert doc["outcome"] == "ok"
+    assert doc["exit_code"] == 0
+    for sid in ("node-01", "node-02"):
+        row = only(doc, sid)
+        assert row["status"] == "ok", row
+        assert row["items"] == 10
+        assert row["samples"] == 100
+        assert row["new_observations"] == 100
+        assert row["error"] is None
+        assert row["lag_seconds"] is not None
+        assert row["lag_seconds"] < 60
+        assert store_usage(env.db, sid) == all_items(env, sid)
+
+
+def test_bearer_with_pinned_ca(make: MakeEnv) -> None:
+    env = make(mtls=False, bearer=True, series=5, minutes=5)
+    assert "bearer" in env.registry.read_text()
+    doc = env.json("collect")
+    assert only(doc)["status"] == "ok"
+    assert store_usage(env.db) == all_items(env)
+
+
+def test_plain_output_under_cron_is_a_summary(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    res = env.run("collect")
+    assert res.exit_code == 0, res.output
+    assert "collect run 1: 1 ok, 0 failed, 0 skipped" in res.stdout
+    # A second run right away: nothing is due, nothing printed, exit 0.
+    res = env.run("collect")
+    assert res.exit_code == 0
+    assert res.stdout == ""
+
+
+def test_wrong_ca_fails_the_source(make: MakeEnv, tmp_path: Path) -> None:
+    env = make(series=3, minutes=3)
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(trustme.CA().cert_pem.bytes())
+    env.registry.write_text(env.registry.read_text().replace(str(env.sim.pki.ca), str(other)))
+    doc = env.json("collect", expect=1)
+    row = only(doc)
+    assert row["status"] == "failed"
+    assert "not signed by a trusted CA" in row["error"]
+    assert "node-01" in row["error"]
+    assert checkpoint_until(env) is None
+
+
+def test_hostname_mismatch_then_server_name_fixes_it(make: MakeEnv) -> None:
+    bad = make(series=3, minutes=3, server_names=("exporter.internal",))
+    row = only(bad.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "not valid for '127.0.0.1'" in row["error"]
+    assert "server_name" in row["error"]
+
+    good = make(
+        series=3, minutes=3, server_names=("exporter.internal",), server_name="exporter.internal"
+    )
+    assert "server_name" in good.registry.read_text()
+    assert only(good.json("collect"))["status"] == "ok"
+    wrong = make(series=3, minutes=3, server_names=("exporter.internal",), server_name="other.name")
+    row = only(wrong.json("collect", expect=1))
+    assert "not valid for 'other.name'" in row["error"]
+
+
+def test_missing_client_certificate(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3, mtls=True, bearer=True)
+    env.sim.mtls = False  # the server still demands a client certificate
+    env.registry.write_text(env.sim.registry_toml)
+    assert 'auth_mode = "bearer"' in env.registry.read_text()
+    row = only(env.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "client certificate" in row["error"]
+
+
+def test_wrong_token_is_an_auth_error(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3, mtls=False, bearer=True)
+    wrong = "not-the-right-token-" + "x" * 20
+    env.sim.extra_secrets.append(wrong)
+    (env.sim.dir / "token-node-01").write_text(wrong + "\n")
+    row = only(env.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "HTTP 401" in row["error"]
+    assert checkpoint_until(env) is None
+
+
+# --- transport faults -------------------------------------------------------------------
+
+
+def test_5xx_then_success(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    env.sim.fleet.node("node-01").set_fault("status", times=2, status=503)
+    row = only(env.json("collect"))
+    assert row["status"] == "ok"
+    assert store_usage(env.db) == all_items(env)
+    assert len(env.sim.fleet.node("node-01").requests) == 3
+
+
+def test_redirect_is_not_followed(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    env.sim.extra_secrets.append("redirect-secret")  # the Location's query must not leak
+    env.sim.fleet.node("node-01").set_fault("redirect")
+    row = only(env.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "redirects are not followed" in row["error"]
+    assert "elsewhere.example" in row["error"]
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_oversize_body_is_refused(make: MakeEnv, content_length: bool) -> None:
+    env = make(series=3, minutes=3, defaults="max_response_bytes = 20000")
+    env.sim.fleet.node("node-01").set_fault("oversize", size=200_000, content_length=content_length)
+    row = only(env.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "max_response_bytes 20000" in row["error"]
+    assert store_usage(env.db) == {}
+
+
+# --- wire-level safety -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["page", "item"])
+def test_wrong_node_id_fails_and_checkpoint_stays(make: MakeEnv, where: str) -> None:
+    env = make(series=4, minutes=4, defaults=WIDE_OVERLAP)
+    assert only(env.json("collect"))["status"] == "ok"
+    before_cp = checkpoint_until(env)
+    before_rows = usage_rows(env.db)
+    env.sim.fleet.advance(2)
+    env.sim.fleet.node("node-01").set_fault("wrong_node_id", where=where)
+    doc = env.json("collect", "--source", "node-01", expect=1)
+    row = only(doc)
+    assert row["status"] == "failed"
+    assert "node-01-impostor" in row["error"]
+    assert row["new_observations"] == 0
+    assert checkpoint_until(env) == before_cp
+    assert usage_rows(env.db) == before_rows
+
+
+def test_cursor_loop_is_a_protocol_error(make: MakeEnv) -> None:
+    env = make(series=3, minutes=8, defaults="page_limit = 3")
+    env.sim.fleet.node("node-01").set_fault("cursor_loop")
+    row = only(env.json("collect", expect=1))
+    assert row["status"] == "failed"
+    assert "repeated a cursor" in row["error"]
+    assert row["pages"] == 1  # the first page was fine and is kept
+    assert checkpoint_until(env) is None
+
+
+def test_empty_has_more_page_is_a_protocol_error(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    env.sim.fleet.node("node-01").set_fault("empty_has_more")
+    row = only(env.json("collect", expect=1))
+    assert "has_more is true but the page is empty" in row["error"]
+
+
+def test_nanosecond_cursors_across_many_pages(make: MakeEnv) -> None:
+    env = make(series=4, minutes=25, defaults="page_limit = 1")
+    row = only(env.json("collect"))
+    assert row["status"] == "ok"
+    assert row["pages"] == 25
+    assert row["new_observations"] == 100
+    assert row["duplicates"] == 0
+    node = env.sim.fleet.node("node-01")
+    sent = [q.get("cursor") for ep, q in node.requests if ep == "window"]
+    ats = node.collected_ats()
+    assert sent == [None] + [format_cursor(t) for t in ats[:-1]]
+    assert all(c is None or len(c.split(".")[1]) == 10 for c in sent)  # 9 digits + Z
+    assert store_usage(env.db) == all_items(env)
+
+
+# --- replay, catch-up, late data, restarts ------------------------------------------------
+
+
+def test_overlap_redelivery_changes_nothing(make: MakeEnv) -> None:
+    env = make(series=5, minutes=6, defaults=WIDE_OVERLAP)
+    first = only(env.json("collect"))
+    rows = usage_rows(env.db)
+    again = only(env.json("collect", "--source", "node-01"))
+    assert again["status"] == "ok"
+    assert again["duplicates"] == first["new_observations"] == 30
+    for key in ("new_observations", "buckets_changed", "postings", "conflicts"):
+        assert again[key] == 0, key
+    assert usage_rows(env.db) == rows
+
+
+def test_catch_up_after_multi_hour_outage_in_chunks(make: MakeEnv) -> None:
+    env = make(series=3, minutes=200)
+    node = env.sim.fleet.node("node-01")
+    ats = node.collected_ats()
+    # The last success was just before the history starts, 3h20m+ ago: an outage.
+    last_ok = ats[0] - 3 * NS_PER_MINUTE
+    store = open_store(env.db)
+    try:
+        run_id = store.start_run("collect", ["node-01"])
+        store.apply(
+            Batch(
+                items=[],
+                run_id=run_id,
+                pricing=env_pricing(),
+                checkpoint=CheckpointAdvance("node-01", "node-01", "prod", None, last_ok, last_ok),
+            )
+        )
+    finally:
+        store.close()
+    row = only(env.json("collect"))
+    assert row["status"] == "ok"
+    windows = [
+        (parse_rfc3339_ns(q["since"]), parse_rfc3339_ns(q["until"]))
+        for ep, q in node.requests
+        if ep == "window"
+    ]
+    assert windows[0][0] == last_ok - 2 * NS_PER_MINUTE  # default overlap
+    # Contiguous 1h chunks: each starts 1 ns after the previous one's inclusive end.
+    assert len(windows) >= 4
+    for (_, end), (nxt, _) in itertools.pairwise(windows):
+        assert nxt == end + 1
+    assert all(e - s < 3600 * 10**9 for s, e in windows)
+    assert row["new_observations"] == 600
+    assert store_usage(env.db) == all_items(env)
+    cp = checkpoint_until(env)
+    assert cp is not None
+    assert cp == windows[-1][1] + 1
+
+
+def env_pricing() -> Any:
+    from billing_cli.pricing import Pricing
+
+    return Pricing()
+
+
+def test_late_item_inside_the_overlap_is_repaired(make: MakeEnv) -> None:
+    env = make(series=5, minutes=8, defaults=WIDE_OVERLAP)
+    assert only(env.json("collect"))["status"] == "ok"
+    node = env.sim.fleet.node("node-01")
+    before = usage_rows(env.db)
+    late_at = node.add_late_item(appear_after_minutes=0)
+    row = only(env.json("collect", "--source", "node-01"))
+    assert row["status"] == "ok"
+    assert row["new_observations"] == 5
+    assert row["buckets_changed"] > 0
+    after = usage_rows(env.db)
+    assert after != before
+    # The late item splits the delta it falls into: same total, exact per series.
+    assert sum(a + b for a, b in after.values()) == sum(a + b for a, b in before.values())
+    assert store_usage(env.db) == all_items(env)
+    assert late_at in node.collected_ats()
+
+
+@pytest.mark.parametrize("with_epoch", [True, False])
+def test_counter_restart(make: MakeEnv, with_epoch: bool) -> None:
+    # Without epochs the restart is recognised by the drop alone (DESIGN §4).
+    env = make(
+        series=5,
+        minutes=5,
+        defaults=WIDE_OVERLAP,
+        activity=1.0,
+        epoch="1" if with_epoch else None,
+    )
+    assert only(env.json("collect"))["status"] == "ok"
+    node = env.sim.fleet.node("node-01")
+    node.restart_counters(with_epoch=with_epoch)
+    env.sim.fleet.advance(3)
+    row = only(env.json("collect", "--source", "node-01"))
+    assert row["status"] == "ok"
+    assert row["new_observations"] == 15
+    assert row["anomalies"] == 0
+    assert store_usage(env.db) == all_items(env)
+
+
+# --- command behaviour -------------------------------------------------------------------
+
+
+def test_one_failing_source_does_not_stop_the_others(make: MakeEnv) -> None:
+    env = make(nodes=3, series=3, minutes=3)
+    env.sim.fleet.node("node-02").set_fault("status", status=500)
+    doc = env.json("collect", expect=1)
+    assert doc["outcome"] == "failed"
+    assert only(doc, "node-01")["status"] == "ok"
+    assert only(doc, "node-03")["status"] == "ok"
+    bad = only(doc, "node-02")
+    assert bad["status"] == "failed"
+    assert "HTTP 500" in bad["error"]
+    assert checkpoint_until(env, "node-02") is None
+    assert store_usage(env.db, "node-03") == all_items(env, "node-03")
+    res = env.run("-q", "collect", "--source", "node-02")
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    assert "node-02" in res.stderr
+    assert "HTTP 500" in res.stderr
+
+
+def test_unknown_and_disabled_sources_are_config_errors(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    res = env.run("collect", "--source", "nope")
+    assert res.exit_code == 2
+    assert "no source 'nope'" in res.stderr
+    env.registry.write_text(
+        env.registry.read_text().replace(
+            'auth_mode = "mtls"', 'auth_mode = "mtls"\nenabled = false'
+        )
+    )
+    res = env.run("collect", "--source", "node-01")
+    assert res.exit_code == 2
+    assert "disabled" in res.stderr
+    res = env.run("collect", "--since", "yesterday-ish")
+    assert res.exit_code == 2
+    assert "--since" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_since_sets_the_first_pull_only(make: MakeEnv) -> None:
+    # History older than the 1h initial lookback is reached with --since on the first run.
+    env = make(series=3, minutes=120)
+    row = only(env.json("collect", "--since", "3h"))
+    assert row["status"] == "ok"
+    assert row["new_observations"] == 360
+    assert store_usage(env.db) == all_items(env)
+
+
+def test_locked_source_is_skipped_with_exit_75(make: MakeEnv) -> None:
+    from billing_cli.collect.locks import locker_for
+
+    env = make(nodes=2, series=3, minutes=3)
+    held = locker_for(env.db).try_acquire("node-01")
+    assert held is not None
+    try:
+        doc = env.json("collect", expect=0)
+        assert only(doc, "node-01")["status"] == "skipped"
+        assert only(doc, "node-02")["status"] == "ok"
+        res = env.run("collect", "--source", "node-01", "--json")
+        assert res.exit_code == 75, res.output
+    finally:
+        held.release()
+    assert only(env.json("collect", "--source", "node-01"))["status"] == "ok"
