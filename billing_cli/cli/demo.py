@@ -24,12 +24,10 @@ was not made by `billing demo` is refused (exit 2).
 
 Examples:
 
+\b
   billing demo
-
   billing demo --dir /tmp/billing-demo
-
-  billing demo --keep-running        # leave the exporters up; Ctrl-C stops them
-
+  billing demo --keep-running      # leave the exporters up; Ctrl-C stops them
   billing --registry billing-demo/sources.toml --db billing-demo/billing.db status
 """
 

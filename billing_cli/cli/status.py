@@ -47,10 +47,10 @@ database cannot be read.
 
 Examples:
 
+\b
   billing status
-
   billing status --source node-a-prod
-
+  billing -q status || echo "some source is not healthy"
   billing status --max-lag 10m --json | jq '.sources[] | select(.health != "healthy")'
 """
 
