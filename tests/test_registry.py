@@ -140,6 +140,16 @@ CASES: list[tuple[str, str, str]] = [
         R + "base_url has no host (got https:///path)",
     ),
     (
+        "url-bad-host",
+        toml(base_url='"https://bad host.example.net"'),
+        R + "base_url has an invalid host name (got https://bad host.example.net)",
+    ),
+    (
+        "url-bad-port",
+        toml(base_url='"https://x.example.net:99999"'),
+        R + "base_url is not a valid URL",
+    ),
+    (
         "unknown-field-did-you-mean",
         toml(colect_interval='"1m"'),
         R + "unknown field 'colect_interval' (did you mean 'collect_interval'?)",
@@ -405,7 +415,14 @@ def test_ref_errors_never_echo_the_value(secret: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:9550", "http://127.8.9.10", "http://[::1]:9550", "http://localhost"]
+    "url",
+    [
+        "http://127.0.0.1:9550",
+        "http://127.8.9.10",
+        "http://[::1]:9550",
+        "http://localhost",
+        "HTTP://LOCALHOST:1",
+    ],
 )
 def test_insecure_loopback_is_allowed_with_opt_in(url: str) -> None:
     text = toml(base_url=f'"{url}"', allow_insecure_http="true", defaults="")
@@ -507,3 +524,16 @@ class TestLegacy:
             load_registry(tmp_path / "sources.toml", explicit=False)
         assert "EXPORTER_TOKEN_REF is not a reference" in str(info.value)
         assert "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://[2001:db8::1]:9550",
+        "https://203.0.113.20",
+        "https://node-1.example.net./xray/",
+        "HTTPS://Node1.Example.net",
+    ],
+)
+def test_valid_https_urls(url: str) -> None:
+    assert parse_registry_text(toml(base_url=f'"{url}"'), P).get("jp-1").base_url == url

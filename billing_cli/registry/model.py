@@ -104,6 +104,15 @@ CaRef = Annotated[str, BeforeValidator(_ca_ref)]
 NonEmpty = Annotated[str, AfterValidator(_not_blank)]
 
 
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        name = host.removesuffix(".")
+        return len(name) <= 253 and all(_DNS_LABEL.fullmatch(lbl) for lbl in name.split("."))
+    return True
+
+
 def is_loopback_host(host: str) -> bool:
     if host.lower() in LOOPBACK_NAMES:
         return True
@@ -225,6 +234,8 @@ class SourceConfig(BaseModel):
             if parts.scheme in ("https", "http"):
                 raise ValueError(f"base_url has no host (got {url})")
             raise ValueError(f"base_url must be https:// (got {url})")
+        if not _valid_host(host):
+            raise ValueError(f"base_url has an invalid host name (got {url})")
         if parts.scheme == "http":
             loopback = is_loopback_host(host)
             if not loopback:
@@ -246,7 +257,7 @@ class SourceConfig(BaseModel):
 
     @property
     def is_insecure_loopback(self) -> bool:
-        return self.base_url.startswith("http://")
+        return urlsplit(self.base_url).scheme == "http"  # urlsplit lower-cases the scheme
 
     def _check_auth(self) -> None:
         mode = self.auth_mode
@@ -327,7 +338,7 @@ class SourceConfig(BaseModel):
 class Registry(BaseModel):
     """The loaded registry. ``legacy`` marks the implicit ``EXPORTER_BASE_URL`` source."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: Path
     sources: list[SourceConfig] = Field(default_factory=list)
