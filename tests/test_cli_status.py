@@ -435,3 +435,16 @@ def test_unreachable_database_exits_four(cli: Any, registry: Path) -> None:
     assert res.exit_code == 4, res.output
     assert res.stderr.count("\n") == 1
     assert "s3cretpw" not in res.stderr
+
+
+def test_legacy_exporter_base_url_mode_is_reported_as_source_legacy(
+    cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXPORTER_BASE_URL", "https://exporter.example.net:9550")
+    monkeypatch.setenv("EXPORTER_TOKEN_REF", "env:EXPORTER_TOKEN")
+    res = cli("status", "--json", "--db", str(tmp_path / "billing.db"))
+    assert res.exit_code == 1, res.output
+    doc = json.loads(res.stdout)
+    assert [s["source_id"] for s in doc["sources"]] == ["legacy"]
+    assert doc["sources"][0]["health"] == "failing"
+    assert doc["sources"][0]["max_lag_seconds"] == 300
