@@ -286,6 +286,26 @@ def collect_command(
             return int(ExitCode.OK)
         got, locked = locks.acquire([s.source_id for s in due])
         by_id = {s.source_id: s for s in due}
+        # Re-read under the lock: another run may have collected a source between our
+        # first read and taking its lock; then it is no longer due (or starts later).
+        for sid in got:
+            fresh = store.get_checkpoint(sid)
+            if fresh is not None:
+                checkpoints[sid] = fresh
+        if not source:
+            late = [
+                sid
+                for sid in got
+                if not is_due(checkpoints.get(sid), by_id[sid].collect_interval_s, now_ns())
+            ]
+            for sid in late:
+                locks.release(sid)
+                got.remove(sid)
+                not_due.append(sid)
+            due = [s for s in due if s.source_id not in late]
+            if not due:
+                _emit_nothing(app, json_out, "no source is due", not_due=not_due)
+                return int(ExitCode.OK)
         tasks: list[PullTask] = []
         overlap_ns = int(defaults.overlap_s * NS_PER_SECOND)
         lookback_ns = int(defaults.initial_lookback_s * NS_PER_SECOND)
