@@ -24,6 +24,7 @@ from billing_cli._errors import (
     ConfigError,
     CredentialError,
     HTTPStatusError,
+    ProtocolError,
     RedirectRefusedError,
     ResponseTooLargeError,
     TransportError,
@@ -509,3 +510,27 @@ server_name = "jp-1.exporter.internal"
     assert cfg.bearer_token == TOKEN
     assert cfg.ssl_context is not None
     assert len(cfg.ssl_context.get_ca_certs()) == 1
+
+
+@respx.mock
+def test_bad_content_encoding_is_one_line_protocol_error(client: SourceClient) -> None:
+    respx.get(LATEST).mock(
+        return_value=httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, content=iter([b"definitely not gzip"])
+        )
+    )
+    with pytest.raises(ProtocolError) as ei:
+        client.get_latest()
+    assert "could not be decoded" in str(ei.value)
+    assert_clean(ei.value)
+
+
+@pytest.mark.parametrize("bad", ["tok en", "tok\u00e9n"])
+def test_token_not_header_safe_refused_without_echo(
+    monkeypatch: pytest.MonkeyPatch, bad: str
+) -> None:
+    monkeypatch.setenv("SIM_TOKEN", bad)
+    with pytest.raises(CredentialError) as ei:
+        build_transport_config(_source(ca_bundle_ref="system"))
+    assert "env:SIM_TOKEN" in str(ei.value)
+    assert bad not in str(ei.value)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from billing_cli._errors import (
     CredentialError,
     HostnameMismatchError,
     HTTPStatusError,
+    ProtocolError,
     RedirectRefusedError,
     ResponseTooLargeError,
     SourceError,
@@ -64,6 +66,8 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_TIMEOUT_S = 10.0
 WINDOW_PATH = "/v1/snapshots/window"
 LATEST_PATH = "/v1/snapshots/latest"
+# A bearer token must be visible ASCII (RFC 6750 b64token is narrower; be lenient but safe).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # Backoff between attempts: exponential with full jitter, 0.5 s base, 10 s ceiling.
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -157,6 +161,11 @@ def build_transport_config(
         token = credentials.resolve_secret(
             source.credential_ref, source_id=sid, field="credential_ref"
         )
+        if not _HEADER_SAFE.fullmatch(token):
+            raise CredentialError(
+                f"source '{sid}': credential_ref {source.credential_ref}: the token has "
+                f"characters not allowed in an HTTP header (value not shown)"
+            )
 
     ctx: ssl.SSLContext | None = None
     if urlsplit(base_url).scheme == "https":
@@ -401,6 +410,11 @@ class SourceClient:
             ) from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             self._raise_network(exc)
+        except httpx.HTTPError as exc:
+            # Anything else httpx may raise (e.g. a malformed request) must still be one line.
+            raise self._err(
+                TransportError, f"request to {self._host} failed ({type(exc).__name__})"
+            ) from None
         try:
             return self._read(response, started, timeout_s)
         except httpx.TimeoutException:
@@ -411,6 +425,16 @@ class SourceClient:
             ) from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             self._raise_network(exc, reading=True)
+        except httpx.DecodingError:
+            raise self._err(
+                ProtocolError,
+                f"the response from {self._host} could not be decoded (bad Content-Encoding)",
+            ) from None
+        except httpx.HTTPError as exc:
+            what = type(exc).__name__
+            raise self._err(
+                TransportError, f"reading the response from {self._host} failed ({what})"
+            ) from None
         finally:
             response.close()
 
