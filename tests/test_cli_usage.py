@@ -235,3 +235,42 @@ def test_table_is_capped_with_a_hint(
     assert res.stdout.count("2026-11-24T") == 2
     # json is never capped
     assert len(_json(cli("--db", store_url, "usage", "--json"))) == 5
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "table"])
+def test_reader_closing_the_pipe_is_not_an_error(tmp_path: Path, fmt: str) -> None:
+    """`billing usage | head -1`: exit 0, nothing on stderr but the table hint, no traceback."""
+    import subprocess
+    import sys
+
+    from billing_cli.core.types import Item, Sample
+    from billing_cli.pricing import Pricing
+    from billing_cli.store import open_store
+    from billing_cli.store.base import Batch
+
+    db = tmp_path / "big.db"
+    store = open_store(str(db))
+    try:
+        run = store.start_run("ingest", [])
+        minute = 60 * 10**9
+        items = [
+            Item(
+                m * minute, "n", "e", None, [Sample(f"u{i}", "", "t", m + i, m) for i in range(100)]
+            )
+            for m in range(31)
+        ]  # 3,000 buckets: far more than a pipe buffer holds
+        store.apply(Batch(items=items, run_id=run, pricing=Pricing()))
+    finally:
+        store.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "billing_cli", "--db", str(db), "usage", "--format", fmt],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away mid-stream
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+    assert b"Error" not in err

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from billing_cli._errors import StoreError, UsageError
-from billing_cli._time import TimeFormatError, parse_time_arg
+from billing_cli._time import TimeFormatError, format_rfc3339_ns, parse_time_arg
 from billing_cli.cli._context import AppContext
 from billing_cli.store.base import RowFilter
 
@@ -37,6 +39,10 @@ T = TypeVar("T")
 # Rows rendered as a table are for people; past this many, say so and suggest json/csv.
 TABLE_ROW_LIMIT = 10_000
 _PIPED_TABLE_WIDTH = 400
+
+
+# Many rows share a bucket start (every series of one minute): format each instant once.
+format_time = lru_cache(maxsize=65_536)(format_rfc3339_ns)
 
 
 def output_format(fmt: str, as_json: bool) -> OutputFormat:
@@ -154,26 +160,66 @@ def write_rows(
     empty_message: str,
     right_aligned: frozenset[str] = frozenset(),
 ) -> int:
-    """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``; return how many were written."""
+    """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``; return how many were written.
+
+    A reader that goes away (``billing usage --json | head``) ends the output quietly: the
+    rest of stdout goes to /dev/null so the interpreter's final flush cannot fail either.
+    """
+    try:
+        if fmt == "json":
+            return _write_json(rows)
+        if fmt == "csv":
+            return _write_csv(columns, rows)
+        return _write_table(app, columns, rows, title, empty_message, right_aligned)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (tests): nothing will be flushed at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _write_json(rows: Iterable[Mapping[str, Cell]]) -> int:
     out = sys.stdout
     n = 0
-    if fmt == "json":
-        out.write("[")
-        for row in rows:
-            out.write(",\n" if n else "\n")
-            out.write(_dumps(row))
-            n += 1
-        out.write("\n]\n" if n else "]\n")
-        out.flush()
-        return n
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([row[c] for c in columns])
-            n += 1
-        out.flush()
-        return n
+    out.write("[")
+    for row in rows:
+        out.write(",\n" if n else "\n")
+        out.write(_dumps(row))
+        n += 1
+    out.write("\n]\n" if n else "]\n")
+    out.flush()
+    return n
+
+
+def _write_csv(columns: Sequence[str], rows: Iterable[Mapping[str, Cell]]) -> int:
+    out = sys.stdout
+    n = 0
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row[c] for c in columns])
+        n += 1
+    out.flush()
+    return n
+
+
+def _write_table(
+    app: AppContext,
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, Cell]],
+    title: str,
+    empty_message: str,
+    right_aligned: frozenset[str],
+) -> int:
+    n = 0
     table = Table(
         title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
     )
@@ -194,7 +240,7 @@ def write_rows(
     else:
         # Piped or redirected: rich would squeeze the table into 80 columns and fold every
         # cell. Let it take its natural width instead (it never pads beyond that).
-        Console(file=out, width=_PIPED_TABLE_WIDTH, soft_wrap=True).print(table)
+        Console(file=sys.stdout, width=_PIPED_TABLE_WIDTH, soft_wrap=True).print(table)
     if truncated:
         app.err.print(
             f"showing the first {TABLE_ROW_LIMIT} rows; use --totals, narrower filters, "

@@ -8,13 +8,13 @@ from typing import Annotated
 import click
 import typer
 
-from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import get_context
 from billing_cli.cli._rows import (
     FORMATS,
     Cell,
     build_filter,
     closing_rows,
+    format_time,
     open_existing_store,
     output_format,
     write_rows,
@@ -79,7 +79,7 @@ def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
             "env": r.env,
             "uuid": r.uuid,
             "inbound_tag": r.inbound_tag,
-            "bucket_start": format_rfc3339_ns(r.bucket_start_ns),
+            "bucket_start": format_time(r.bucket_start_ns),
             "revision": r.revision,
             "entry_type": r.entry_type,
             "rated_bytes": r.rated_bytes,
@@ -87,7 +87,7 @@ def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
             "currency": r.currency,
             "pricing_rule_version": r.pricing_rule_version,
             "run_id": r.run_id,
-            "created_at": format_rfc3339_ns(r.created_at_ns),
+            "created_at": format_time(r.created_at_ns),
         }
 
 

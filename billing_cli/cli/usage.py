@@ -8,13 +8,14 @@ from typing import Annotated
 import click
 import typer
 
-from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns
+from billing_cli._time import NS_PER_MINUTE
 from billing_cli.cli._context import get_context
 from billing_cli.cli._rows import (
     FORMATS,
     Cell,
     build_filter,
     closing_rows,
+    format_time,
     open_existing_store,
     output_format,
     write_rows,
@@ -69,7 +70,7 @@ def _row(key: tuple[str, str, str, str], start_ns: int, up: int, down: int) -> d
         "env": key[1],
         "uuid": key[2],
         "inbound_tag": key[3],
-        "bucket_start": format_rfc3339_ns(start_ns),
+        "bucket_start": format_time(start_ns),
         "uplink_bytes": up,
         "downlink_bytes": down,
         "total_bytes": up + down,
