@@ -302,12 +302,16 @@ def run_demo(
         fb = fleets["node-b"]
         result.ports = [fa.port, fb.port]
         registry.write_text(registry_text(pki, fa.base_url("node-a"), fb.base_url("node-b")))
-        say(f"Demo folder {folder}: two private CAs, a client certificate, a token, a registry.")
+        say(f"Demo folder {folder}:")
+        say("  two private CAs, a client certificate, a token, sources.toml, billing.db.")
         say(
-            f"Simulated exporters over HTTPS: node-a at {fa.url} (mTLS), node-b at {fb.url} "
-            f"(bearer token, own CA, certificate for {SERVER_NAME_B}); node-c is disabled. "
-            f"Each serves {HISTORY_MINUTES} minutes of {SERIES} accounts' counters."
+            f"Simulated exporters over HTTPS, each with {HISTORY_MINUTES} minutes of "
+            f"{SERIES} accounts' counters:"
         )
+        say(f"  node-a  {fa.base_url('node-a')}  mTLS (client certificate)")
+        say(f"  node-b  {fb.base_url('node-b')}  bearer token, own CA, server_name")
+        say(f"          {SERVER_NAME_B}")
+        say("  node-c  registered, disabled")
         sources = ["--source", SOURCE_A, "--source", SOURCE_B]
 
         say("\n1. First collect: no checkpoint yet, so each source is read from 2h ago.")
@@ -329,8 +333,11 @@ def run_demo(
         fb.advance(ADVANCES[0])
         billing("collect", *sources)
 
-        say(f"\n3. {ADVANCES[1]} more minutes; collect again. It re-reads the last {OVERLAP}")
-        say("   (overlap): nothing is counted twice; the late item is too old for it to see.")
+        say(
+            f"\n3. {ADVANCES[1]} more minutes pass; collect again. It re-reads the last "
+            f"{OVERLAP} (the overlap)"
+        )
+        say("   without counting anything twice; the late item is older than that.")
         fa.advance(ADVANCES[1])
         fb.advance(ADVANCES[1])
         billing("collect", *sources)
