@@ -444,7 +444,7 @@ def test_rating_never_uses_float(monkeypatch: pytest.MonkeyPatch) -> None:
     import billing_cli.core.rating as rating_mod
 
     seen: list[object] = []
-    orig = rating_mod.round_half_even
+    orig = round_half_even
 
     def spy(num: int, den: int) -> int:
         seen.extend([num, den])
