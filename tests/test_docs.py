@@ -83,7 +83,10 @@ def code_snippets(text: str) -> list[str]:
                     snippets.append(code)
     # Headings and inline code outside fenced blocks (a "# comment" in a block is no heading).
     prose = _FENCE.sub("", text)
-    snippets.extend(h.replace("`", " ") for h in _HEADING.findall(prose))
+    # A heading counts when it *is* a command ("## billing status"); inline code inside a
+    # heading ("## `billing status`") is picked up with the rest of the inline code below,
+    # and prose such as "## As `billing` accepts it" is not an invocation.
+    snippets.extend(h for h in _HEADING.findall(prose) if h.strip().startswith("billing "))
     snippets.extend(_INLINE.findall(prose))
     return snippets
 
@@ -229,6 +232,10 @@ def test_checker_parses_invocations_from_code_only() -> None:
     text = """
 # Operating `billing status`
 
+## billing usage
+
+## As `billing` sees it
+
 Plain prose about billing collect is not an example.
 
 ```bash
@@ -252,6 +259,8 @@ Run `billing status --json` or `billing nosuch`.
     assert "nosuch" in got
     assert not any("nothing" in a for a in got)
     assert not any("crontab" in a for a in got)
+    assert "usage" in got
+    assert not any("sees" in a for a in got)
     assert not any(a.startswith("collect is") for a in got)
 
 
