@@ -10,7 +10,7 @@ Examples:
 
   scripts/make_snapshots.py --samples 1000000 --out /tmp/1m.ndjson
   scripts/make_snapshots.py --series 50 --minutes 10 --format window --out page.json
-  scripts/make_snapshots.py --minutes 5 --format snapshots --out - | billing ingest -
+  scripts/make_snapshots.py --minutes 5 --env staging --format snapshots --out - | billing ingest -
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def generate(
             }
 
 
-def write(out: IO[bytes], items: Iterator[dict[str, Any]], fmt: str, nodes: int) -> int:
+def write(
+    out: IO[bytes], items: Iterator[dict[str, Any]], fmt: str, nodes: int, env: str = "prod"
+) -> int:
     count = 0
     if fmt == "ndjson":
         for item in items:
@@ -109,9 +111,9 @@ def write(out: IO[bytes], items: Iterator[dict[str, Any]], fmt: str, nodes: int)
         for i in everything:
             del i["node_id"], i["env"]
         doc = {
-            "source_id": "node-000",
+            "source_id": f"node-000-{env}",
             "node_id": "node-000",
-            "env": "prod",
+            "env": env,
             "items": everything,
             "next_cursor": None,
             "has_more": False,
@@ -129,6 +131,7 @@ def main() -> None:
     p.add_argument("--active", type=float, default=0.3, help="active share per minute")
     p.add_argument("--restarts", type=int, default=3, help="counter restarts (epoch changes)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--env", default="prod", help="env of every item (default prod)")
     p.add_argument("--format", choices=["ndjson", "array", "snapshots", "window"], default="ndjson")
     p.add_argument("--out", default="-", help="output file, - for stdout")
     a = p.parse_args()
@@ -141,12 +144,13 @@ def main() -> None:
         active=a.active,
         restarts=a.restarts,
         seed=a.seed,
+        env=a.env,
     )
     if a.out == "-":
-        n = write(sys.stdout.buffer, items, a.format, a.nodes)
+        n = write(sys.stdout.buffer, items, a.format, a.nodes, a.env)
     else:
         with open(a.out, "wb") as f:
-            n = write(f, items, a.format, a.nodes)
+            n = write(f, items, a.format, a.nodes, a.env)
     print(f"wrote {n} samples, {minutes} minutes x {a.nodes} node(s)", file=sys.stderr)
 
 
