@@ -1,0 +1,278 @@
+"""``billing reconcile`` end to end against the simulated fleet over real TLS.
+
+The report is checked against the store itself: the bucket changes it lists must be
+exactly the difference between the usage rows before and after, and its adjustments must
+be exactly the ledger rows the run appended. ``--dry-run`` must leave the database
+unchanged row for row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _collect_support import (
+    Env,
+    dump_sqlite,
+    expected_usage,
+    fleet_end_ns,
+    make_env,
+    store_usage,
+    usage_rows,
+)
+from conftest import CliRunnerFn
+from simfleet import SimFleet, sim_fleet  # noqa: F401  (fixture)
+
+from billing_cli._time import NS_PER_MINUTE, NS_PER_SECOND, format_rfc3339_ns, minute_floor_ns
+from billing_cli.store import open_store
+from billing_cli.store.base import RowFilter
+
+MakeEnv = Callable[..., Env]
+
+
+@pytest.fixture
+def make(
+    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    cli: CliRunnerFn,
+    tmp_path: Path,
+) -> Iterator[MakeEnv]:
+    envs: list[Env] = []
+
+    def factory(*, defaults: str = "", db: str | None = None, **kw: Any) -> Env:
+        kw.setdefault("end_ns", fleet_end_ns())
+        sim = sim_fleet(**kw)
+        env = make_env(sim, cli, db or str(tmp_path / f"billing{len(envs)}.db"), defaults=defaults)
+        envs.append(env)
+        return env
+
+    yield factory
+    for env in envs:
+        env.check_no_secrets()
+
+
+def only(doc: dict[str, Any], source_id: str = "node-01") -> dict[str, Any]:
+    rows = [s for s in doc["sources"] if s["source_id"] == source_id]
+    assert len(rows) == 1, doc
+    return rows[0]
+
+
+def _late_item_outside_overlap(env: Env) -> int:
+    """Collect, then make an item appear 10 minutes back: the 2m overlap cannot see it."""
+    assert env.json("collect")["outcome"] == "ok"
+    node = env.sim.fleet.node("node-01")
+    ats = node.collected_ats()
+    late = node.add_late_item(ats[-10] + 30 * NS_PER_SECOND, appear_after_minutes=0)
+    row = only(env.json("collect", "--source", "node-01"))
+    assert row["status"] == "ok"
+    assert row["new_observations"] == 0  # outside the overlap: collect misses it
+    return late
+
+
+def _checkpoint(env: Env) -> Any:
+    store = open_store(env.db)
+    try:
+        return store.get_checkpoint("node-01")
+    finally:
+        store.close()
+
+
+def _ledger(env: Env) -> list[Any]:
+    store = open_store(env.db)
+    try:
+        return list(store.iter_ledger(RowFilter()))
+    finally:
+        store.close()
+
+
+def test_reconcile_repairs_a_late_item_and_the_report_matches(make: MakeEnv) -> None:
+    env = make(series=5, minutes=20)
+    late = _late_item_outside_overlap(env)
+    before = usage_rows(env.db)
+    ledger_before = {r.entry_id for r in _ledger(env)}
+    cp_before = _checkpoint(env)
+
+    doc = env.json("reconcile", "--source", "node-01", "--since", "2h")
+    assert doc["dry_run"] is False
+    assert doc["run_id"] is not None
+    row = only(doc)
+    assert row["status"] == "ok"
+    assert row["new_observations"] == 5
+    assert row["duplicates"] == 100
+    assert row["conflicts"] == 0
+
+    after = usage_rows(env.db)
+    diff = {k: (before.get(k, (0, 0)), v) for k, v in after.items() if before.get(k) != v}
+    diff.update({k: (v, (0, 0)) for k, v in before.items() if k not in after})
+    listed = {
+        (c["node_id"], c["uuid"], _ns(c["bucket_start"])): (
+            (c["old_uplink_bytes"], c["old_downlink_bytes"]),
+            (c["new_uplink_bytes"], c["new_downlink_bytes"]),
+        )
+        for c in row["bucket_changes"]
+    }
+    assert diff
+    assert listed == diff
+    assert row["buckets_repaired"] == len(diff)
+    # An interpolated late item only moves bytes between minutes: the total is unchanged.
+    assert row["bytes_delta"] == 0
+    assert minute_floor_ns(late) in {k[2] for k in diff}
+
+    new_rows = [r for r in _ledger(env) if r.entry_id not in ledger_before]
+    adjustments = [r for r in new_rows if r.entry_type == "adjustment"]
+    assert row["ledger_adjustments"] == len(adjustments)
+    assert all(r.run_id == doc["run_id"] for r in new_rows)
+    from billing_cli.core.money import format_amount
+
+    assert row["adjustment_amount"] == format_amount(sum(r.amount_nano for r in adjustments))
+    assert row["completeness"]["missing_minutes"] is not None
+
+    # Exact totals afterwards, and the checkpoint did not move.
+    node = env.sim.fleet.node("node-01")
+    ats = node.collected_ats()
+    assert store_usage(env.db) == expected_usage(node, ats[0], ats[-1])
+    assert _checkpoint(env) == cp_before
+
+    # A second reconcile finds nothing left to repair.
+    again = only(env.json("reconcile", "--source", "node-01", "--since", "2h"))
+    assert again["new_observations"] == 0
+    assert again["buckets_repaired"] == 0
+    assert again["ledger_adjustments"] == 0
+
+
+def _ns(text: str) -> int:
+    from billing_cli._time import parse_rfc3339_ns
+
+    return parse_rfc3339_ns(text)
+
+
+def test_dry_run_writes_nothing_and_reports_the_same(make: MakeEnv) -> None:
+    env = make(series=5, minutes=20)
+    _late_item_outside_overlap(env)
+    snapshot = dump_sqlite(env.db)
+    dry = env.json("reconcile", "--source", "node-01", "--since", "2h", "--dry-run")
+    assert dry["dry_run"] is True
+    assert dry["run_id"] is None
+    assert dump_sqlite(env.db) == snapshot  # row for row, every table
+
+    real = env.json("reconcile", "--source", "node-01", "--since", "2h")
+    assert dump_sqlite(env.db) != snapshot
+    a, b = only(dry), only(real)
+    for key in (
+        "new_observations",
+        "duplicates",
+        "conflicts",
+        "buckets_repaired",
+        "bucket_changes",
+        "bytes_delta",
+        "ledger_adjustments",
+        "adjustment_amount",
+        "completeness",
+    ):
+        assert a[key] == b[key], key
+    assert a["buckets_repaired"] > 0
+
+
+@pytest.mark.postgres
+def test_dry_run_on_postgres_writes_nothing(make: MakeEnv, postgres_url: str) -> None:
+    import psycopg
+
+    def dump() -> dict[str, list[Any]]:
+        with psycopg.connect(postgres_url) as conn:
+            names = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT table_name FROM information_schema.tables "
+                    "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+                )
+            ]
+            return {
+                n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names
+            }
+
+    env = make(series=5, minutes=20, db=postgres_url)
+    _late_item_outside_overlap(env)
+    snapshot = dump()
+    assert snapshot
+    row = only(env.json("reconcile", "--source", "node-01", "--since", "2h", "--dry-run"))
+    assert row["new_observations"] == 5
+    assert dump() == snapshot
+
+
+def test_holes_are_reported(make: MakeEnv) -> None:
+    env = make(series=3, minutes=10)
+    ats = env.sim.fleet.node("node-01").collected_ats()
+    first, last = minute_floor_ns(ats[0]), minute_floor_ns(ats[-1])
+    since = first - 5 * NS_PER_MINUTE
+    until = last + 4 * NS_PER_MINUTE
+    doc = env.json(
+        "reconcile",
+        "--source",
+        "node-01",
+        "--since",
+        format_rfc3339_ns(since),
+        "--until",
+        format_rfc3339_ns(until),
+    )
+    comp = only(doc)["completeness"]
+    assert comp["minutes"] == 18
+    assert comp["minutes_with_items"] == 10
+    assert comp["missing_minutes"] == 8
+    assert comp["holes"] == [
+        {"start": format_rfc3339_ns(since), "end": format_rfc3339_ns(first)},
+        {"start": format_rfc3339_ns(last + NS_PER_MINUTE), "end": format_rfc3339_ns(until)},
+    ]
+    # People get the holes listed too.
+    res = env.run(
+        "reconcile",
+        "--source",
+        "node-01",
+        "--since",
+        format_rfc3339_ns(since),
+        "--until",
+        format_rfc3339_ns(until),
+        "--dry-run",
+    )
+    assert res.exit_code == 0, res.output
+    assert f"no items in [{format_rfc3339_ns(since)}, {format_rfc3339_ns(first)})" in res.stdout
+
+
+def test_all_sources_and_flag_errors(make: MakeEnv) -> None:
+    env = make(nodes=2, series=3, minutes=5)
+    doc = env.json("reconcile", "--all", "--since", "2h")
+    assert {s["source_id"] for s in doc["sources"]} == {"node-01", "node-02"}
+    assert all(s["new_observations"] == 15 for s in doc["sources"])
+    for args, needle in (
+        (("reconcile", "--source", "node-01"), "--since is required"),
+        (("reconcile", "--since", "1h"), "--source ID"),
+        (("reconcile", "--all", "--source", "node-01", "--since", "1h"), "--source ID"),
+        (("reconcile", "--source", "node-01", "--since", "1h", "--until", "2h"), "is not before"),
+        (("reconcile", "--source", "nope", "--since", "1h"), "no source 'nope'"),
+    ):
+        res = env.run(*args)
+        assert res.exit_code == 2, (args, res.output)
+        assert needle in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.output
+
+
+def test_reconcile_takes_the_source_lock(make: MakeEnv) -> None:
+    from billing_cli.collect.locks import locker_for
+
+    env = make(series=3, minutes=5)
+    held = locker_for(env.db).try_acquire("node-01")
+    assert held is not None
+    try:
+        doc = env.json("reconcile", "--source", "node-01", "--since", "1h", expect=75)
+        assert only(doc)["status"] == "skipped"
+    finally:
+        held.release()
+
+
+def test_failed_source_exit_1(make: MakeEnv) -> None:
+    env = make(series=3, minutes=5)
+    env.sim.fleet.node("node-01").set_fault("wrong_node_id")
+    row = only(env.json("reconcile", "--source", "node-01", "--since", "1h", expect=1))
+    assert row["status"] == "failed"
+    assert "node-01-impostor" in row["error"]
+    assert store_usage(env.db) == {}
