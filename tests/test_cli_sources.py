@@ -480,6 +480,14 @@ def test_json_never_contains_resolved_secret(
     assert "s3cret" not in out
 
 
+def test_values_are_printed_verbatim_not_as_markup(cli: Any, registry: Path) -> None:
+    registry.write_text(COMMENTED.replace('node_id = "n2"', 'node_id = "[bold]n2:smile:"'))
+    for args in (("sources", "list"), ("sources", "show", "b"), ("sources", "list", "--json")):
+        res = cli(*args)
+        assert res.exit_code == 0, res.output
+        assert "[bold]n2:smile:" in res.stdout, args
+
+
 def test_no_temp_files_left_behind(cli: Any, registry: Path) -> None:
     assert cli("sources", "disable", "a").exit_code == 0
     assert cli("sources", "remove", "b").exit_code == 0

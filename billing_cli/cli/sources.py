@@ -15,6 +15,7 @@ import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from billing_cli._errors import ConfigError, UsageError
 from billing_cli.cli._context import AppContext, get_context
@@ -94,18 +95,14 @@ def source_json(registry: Registry, src: SourceConfig) -> dict[str, Any]:
     }
 
 
-def _print_json(app_ctx: AppContext, payload: Any) -> None:
-    app_ctx.out.print(
-        orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode(),
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+def _print_json(payload: Any) -> None:
+    # Plain stdout, not rich: no markup, emoji or wrapping may touch the JSON text.
+    click.echo(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
 
 
 def _say(app_ctx: AppContext, message: str) -> None:
     if not app_ctx.quiet:
-        app_ctx.out.print(message, markup=False, highlight=False)
+        app_ctx.out.print(message, markup=False, highlight=False, emoji=False)
 
 
 # --- list / show -------------------------------------------------------------------------
@@ -136,7 +133,6 @@ def list_sources(
     registry = app_ctx.load_registry()
     if as_json:
         _print_json(
-            app_ctx,
             {
                 "registry": str(registry.path),
                 "legacy": registry.legacy,
@@ -147,7 +143,7 @@ def list_sources(
     if not registry.sources:
         _say(app_ctx, f"no sources in {registry.path}; add one with `billing sources add`")
         return
-    title = (
+    title = Text(
         f"legacy single source from EXPORTER_BASE_URL ({registry.path} does not exist)"
         if registry.legacy
         else str(registry.path)
@@ -159,15 +155,21 @@ def list_sources(
             col, overflow="fold", no_wrap=col != "url", min_width=20 if col == "url" else None
         )
     for s in registry.sources:
+        # Text(), not str: registry values are data, never rich markup or emoji codes.
         table.add_row(
-            s.source_id,
-            s.node_id,
-            s.env,
-            s.base_url,
-            s.auth_mode,
-            s.api,
-            "yes" if s.enabled else "no",
-            s.effective_collect_interval,
+            *(
+                Text(v)
+                for v in (
+                    s.source_id,
+                    s.node_id,
+                    s.env,
+                    s.base_url,
+                    s.auth_mode,
+                    s.api,
+                    "yes" if s.enabled else "no",
+                    s.effective_collect_interval,
+                )
+            )
         )
     # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
     out = app_ctx.out
@@ -201,7 +203,7 @@ def show_source(
     src = registry.get(source_id)
     data = source_json(registry, src)
     if as_json:
-        _print_json(app_ctx, data)
+        _print_json(data)
         return
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column("field", style="bold")
@@ -209,7 +211,7 @@ def show_source(
     for key in JSON_FIELDS:
         value = data[key]
         shown = "-" if value is None else str(value).lower() if isinstance(value, bool) else value
-        table.add_row(key, str(shown))
+        table.add_row(key, Text(str(shown)))
     app_ctx.out.print(table)
 
 
