@@ -278,3 +278,60 @@ def test_help_has_examples(cli: CliRunnerFn) -> None:
     assert res.exit_code == 0
     assert "Examples:" in res.stdout
     assert "billing ingest -" in res.stdout or "| billing ingest -" in res.stdout
+
+
+def test_bad_samples_recorded_valid_rest_applied(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    good0, good1 = it(0, [s("ok", 0, 0)]), it(1, [s("ok", 1000, 0)])
+    bad = it(
+        1,
+        [
+            s("neg", -1, 0),
+            s("flt", 1.5, 0),
+            s("str", "10", 0),
+            s("bool", True, 0),
+            s("big", 2**63, 0),
+            s("", 1, 1),
+            s("ok", 5, 5),  # duplicate of a series already in this item (item 2 below)
+        ],
+        node="node-a",
+    )
+    bad["collected_at"] = "2026-11-24T10:01:30Z"
+    bad["samples"].insert(0, s("ok", 1500, 0))
+    no_zone = it(2, [s("ok", 2000, 0), s("x", 1, 1)])
+    no_zone["collected_at"] = "2026-11-24T10:02:05"
+    # 2^64 and beyond written by hand: one sample rejected, not the document.
+    huge = (
+        b'{"node_id":"node-a","env":"prod","collected_at":"2026-11-24T10:03:05Z","samples":['
+        b'{"uuid":"huge","inbound_tag":"vless-in","uplink_bytes_total":'
+        b'340282366920938463463374607431768211456,"downlink_bytes_total":0},'
+        b'{"uuid":"ok","inbound_tag":"vless-in","uplink_bytes_total":2500,'
+        b'"downlink_bytes_total":0}]}\n'
+    )
+    f = tmp_path / "bad.ndjson"
+    f.write_bytes(ndjson([good0, good1, bad, no_zone]) + huge)
+    out = run_json(cli, "--db", db_url, "ingest", str(f))
+    # 7 bad samples in `bad`, 2 in the zone-less item, 1 huge.
+    assert out["rejected_samples"] == 10
+    assert (out["items"], out["samples"], out["new_observations"]) == (4, 4, 4)
+    usage, _, _ = state(db_url)
+    # ok: 0 -> 1000 (10:01) -> 1500 (10:01:30) -> 2500 (10:03); the zone-less 2000 is gone.
+    assert [(u[1], u[3] % 3_600_000_000_000 // 60_000_000_000, u[4]) for u in usage] == [
+        ("ok", 1, 1500),
+        ("ok", 3, 1000),
+    ]
+    store = open_store(db_url)
+    try:
+        assert sum(store.integrity_event_counts().values()) >= 10
+    finally:
+        store.close()
+
+
+def test_store_unreachable_exit_4(cli: CliRunnerFn, tmp_path: Path) -> None:
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    res = cli("--db", str(tmp_path / "missing-dir" / "x.db"), "ingest", str(f))
+    assert res.exit_code == 4
+    assert "Traceback" not in res.output
+    assert "missing-dir" in res.stderr
