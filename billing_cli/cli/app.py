@@ -154,8 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: Sequence[str]) -> int:
     """Run the CLI and return the exit code; the single place failures become messages."""
+    command = typer.main.get_command(app)
     try:
-        result = app(args=list(args), prog_name="billing", standalone_mode=False)
+        # Invoked directly rather than through click's ``main()``: that one turns a closed
+        # stdout (``billing usage --json | head``) into ``sys.exit(1)`` before we see it.
+        with command.make_context("billing", list(args)) as ctx:
+            result = command.invoke(ctx)
     except BillingError as exc:
         _print_error(exc.message)
         return int(exc.exit_code)
@@ -171,8 +175,14 @@ def run(args: Sequence[str]) -> int:
         _print_error("interrupted")
         return 130
     except BrokenPipeError:
-        # `billing usage | head`: the reader went away; that is not our failure.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # `billing usage | head`: the reader went away; that is not our failure. Point
+        # stdout at /dev/null so the interpreter's final flush cannot fail either.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):
+            pass  # stdout is not a real file (in-process tests)
         return 0
     except Exception as exc:
         # A bug, not an expected failure: say so in one line, details at -vv.
