@@ -30,8 +30,8 @@ S = 1_000_000_000
 T0 = 1_793_000_000 * S - (1_793_000_000 * S) % M
 
 # Non-zero prices with rounding at every bucket (amounts are stored as 64-bit nano-units).
-PRICING = Pricing(price_per_unit="0.37", unit="MB", rule_version="p1")
-QUOTA_PRICING = Pricing(price_per_unit="1.25", unit="MB", included_bytes={"u1": 3_000})
+PRICING = Pricing(price_per_unit="0.37", unit="GB", rule_version="p1")
+QUOTA_PRICING = Pricing(price_per_unit="1.25", unit="GB", included_bytes={"u1": 3_000})
 # Which series live on which node: u1 on both nodes (quota is per uuid across nodes).
 NODES = {"n1": ["u1", "u2"], "n2": ["u1"]}
 

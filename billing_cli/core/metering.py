@@ -140,6 +140,42 @@ def _pair_deltas(
     return anomalies
 
 
+def _append_only(
+    stored_window: Sequence[Observation], new_obs: Sequence[Observation]
+) -> SeriesDiff | None:
+    """The diff when every new observation is later than the previous one (else None)."""
+    prev = stored_window[0] if stored_window else None
+    last_t = prev.collected_at_ns if prev is not None else -1
+    for o in new_obs:
+        if o.collected_at_ns <= last_t:
+            return None
+        last_t = o.collected_at_ns
+    acc: dict[int, list[int]] = {}
+    anomalies: list[Anomaly] = []
+    for cur in new_obs:
+        if prev is not None:
+            d = delta(prev, cur)
+            if d.anomaly:
+                anomalies.append(Anomaly(prev, cur))
+            elif d.uplink or d.downlink:
+                t = cur.collected_at_ns
+                slot = acc.get(t - t % NS_PER_MINUTE)
+                if slot is None:
+                    acc[t - t % NS_PER_MINUTE] = [d.uplink, d.downlink]
+                else:
+                    slot[0] += d.uplink
+                    slot[1] += d.downlink
+        prev = cur
+    return SeriesDiff(
+        {m: (u, d) for m, (u, d) in acc.items()},
+        list(new_obs),
+        0,
+        [],
+        anomalies,
+        new_obs[-1],
+    )
+
+
 def diff_series(stored_window: Sequence[Observation], new_obs: Sequence[Observation]) -> SeriesDiff:
     """Bucket changes from merging ``new_obs`` into a series.
 
@@ -152,22 +188,13 @@ def diff_series(stored_window: Sequence[Observation], new_obs: Sequence[Observat
     Pairs of observations outside the window are untouched by the merge, so the change
     per minute is Σ deltas(window ∪ new) − Σ deltas(window).
     """
-    # Fast path, the normal collect page: one observation after the head.
-    if len(new_obs) == 1 and len(stored_window) <= 1:
-        cur = new_obs[0]
-        if not stored_window:
-            return SeriesDiff({}, [cur], 0, [], [], cur)
-        head = stored_window[0]
-        if cur.collected_at_ns > head.collected_at_ns:
-            d = delta(head, cur)
-            if d.anomaly:
-                return SeriesDiff({}, [cur], 0, [], [Anomaly(head, cur)], cur)
-            buckets = (
-                {minute_of(cur.collected_at_ns): (d.uplink, d.downlink)}
-                if d.uplink or d.downlink
-                else {}
-            )
-            return SeriesDiff(buckets, [cur], 0, [], [], cur)
+    # Fast path, an in-order page: the window is at most the head and the new
+    # observations are strictly increasing after it. No stored pair changes, so the
+    # change is just the deltas along head, n0, n1, ...
+    if len(stored_window) <= 1:
+        in_order = _append_only(stored_window, new_obs)
+        if in_order is not None:
+            return in_order
 
     known: dict[int, Observation] = {o.collected_at_ns: o for o in stored_window}
     accepted: dict[int, Observation] = {}

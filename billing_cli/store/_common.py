@@ -14,6 +14,7 @@ per sample.
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -127,6 +128,22 @@ _SERIES_COLS = (
     "s.series_id, s.node_id, s.env, s.uuid, s.inbound_tag, s.email,"
     " s.head_collected_at_ns, s.head_uplink, s.head_downlink, s.head_epoch"
 )
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while a page is applied.
+
+    A page allocates tens of thousands of small tuples and no reference cycles; without
+    this, generation-0 collections keep re-scanning them (about a tenth of apply time).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _period_end_ns(period_start: int, pricing: Pricing) -> int:
@@ -400,7 +417,7 @@ class SqlStore:
     # --- apply ----------------------------------------------------------------------------
 
     def apply(self, batch: Batch) -> ApplyReport:
-        with self._guard("apply a batch"), self.db.transaction():
+        with self._guard("apply a batch"), _gc_paused(), self.db.transaction():
             return self._apply(batch)
 
     def _load_series(
