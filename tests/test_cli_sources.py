@@ -380,6 +380,14 @@ def test_edit_keeps_file_mode(cli: Any, registry: Path) -> None:
     assert stat.S_IMODE(registry.stat().st_mode) == 0o640
 
 
+def test_edit_keeps_file_owner(cli: Any, registry: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can hand a file to another owner")
+    os.chown(registry, 4321, 4321)
+    assert cli("sources", "disable", "a").exit_code == 0
+    assert (registry.stat().st_uid, registry.stat().st_gid) == (4321, 4321)
+
+
 def test_edit_through_symlink_keeps_symlink(cli: Any, registry: Path, tmp_path: Path) -> None:
     link = tmp_path / "link.toml"
     link.symlink_to(registry)
@@ -486,6 +494,23 @@ def test_values_are_printed_verbatim_not_as_markup(cli: Any, registry: Path) -> 
         res = cli(*args)
         assert res.exit_code == 0, res.output
         assert "[bold]n2:smile:" in res.stdout, args
+
+
+def test_write_failure_is_one_line_and_changes_nothing(
+    cli: Any, registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing_cli.registry import edit
+
+    def refuse(src: str, dst: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(edit.os, "replace", refuse)
+    before = registry.read_bytes()
+    res = cli("sources", "disable", "a")
+    assert res.exit_code == 2
+    assert res.stderr == "error: sources.toml: cannot write: Permission denied (file not changed)\n"
+    assert registry.read_bytes() == before
+    assert sorted(os.listdir(registry.parent)) == ["sources.toml"]
 
 
 def test_no_temp_files_left_behind(cli: Any, registry: Path) -> None:

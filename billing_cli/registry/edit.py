@@ -206,15 +206,23 @@ def _edit_locked(
         note = "nothing written" if exists else "file not created"
         raise RegistryError(f"{exc.message} ({note})") from None
     if write_if():
-        atomic_write(target, text, exists=exists)
+        try:
+            atomic_write(target, text, exists=exists)
+        except OSError as exc:
+            raise RegistryError(
+                f"{path}: cannot write: {exc.strerror or exc} (file not changed)"
+            ) from None
     return registry
 
 
 def atomic_write(path: Path, text: str, *, exists: bool) -> None:
     """Replace ``path`` with ``text`` so that readers see the old or the new file, never
     a mix; the mode of an existing file is kept, a new file gets 0666 & ~umask."""
+    owner: tuple[int, int] | None = None
     if exists:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        st = path.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        owner = (st.st_uid, st.st_gid)
     else:
         umask = os.umask(0)
         os.umask(umask)
@@ -226,6 +234,10 @@ def atomic_write(path: Path, text: str, *, exists: bool) -> None:
             fh.write(text)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                # root editing the service user's file must not take it over.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fh.fileno(), *owner)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
