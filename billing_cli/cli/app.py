@@ -28,14 +28,11 @@ usage buckets and an append-only rated ledger, in SQLite (default) or PostgreSQL
 
 Examples:
 
-  billing demo                                  # a simulated fleet, end to end
-
+\b
+  billing demo                    # a simulated HTTPS fleet, end to end
   billing sources list
-
-  billing collect                               # what cron runs every minute
-
-  billing status --max-lag 10m                  # for monitoring: exit 1 when unhealthy
-
+  billing collect                 # what cron runs every minute
+  billing status --max-lag 10m    # for monitoring: exit 1 when unhealthy
   billing --db postgresql://billing@db/billing usage --totals
 
 Global options (--registry, --db, --log-format, -v, -q) may be given anywhere on the line.
@@ -65,7 +62,7 @@ def _global(
         typer.Option(
             "--registry",
             envvar="BILLING_REGISTRY",
-            help="Source registry TOML file. [env: BILLING_REGISTRY; default: ./sources.toml]",
+            help="Source registry TOML file. [default: ./sources.toml]",
             show_default=False,
         ),
     ] = None,
@@ -87,7 +84,10 @@ def _global(
         ),
     ] = "text",
     verbose: Annotated[
-        int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv: debug).")
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, show_default=False, help="More log output (-vv: debug)."
+        ),
     ] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
     version: Annotated[

@@ -1,4 +1,8 @@
-"""Sub-command registration, so that command modules stay independent of each other."""
+"""Sub-command registration, so that command modules stay independent of each other.
+
+The order here is the order ``billing --help`` lists them: the daily job first, then
+monitoring and repair, then the registry, then data in and out.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,13 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from billing_cli.cli import sources
-
-    app.add_typer(sources.app, name="sources")
-    from billing_cli.cli import status
-
-    app.command("status", help=status.HELP)(status.status_command)
-    from billing_cli.cli import usage
-
-    app.command("usage", help=usage.HELP)(usage.usage_command)
-    from billing_cli.cli import ledger
-
-    app.command("ledger", help=ledger.HELP)(ledger.ledger_command)
-    from billing_cli.cli import ingest
-
-    app.command("ingest", help=ingest.HELP)(ingest.ingest_command)
-    from billing_cli.cli import collect, reconcile
+    from billing_cli.cli import collect, demo, ingest, ledger, reconcile, sources, status, usage
 
     app.command("collect", help=collect.HELP)(collect.collect_command)
+    app.command("status", help=status.HELP)(status.status_command)
     app.command("reconcile", help=reconcile.HELP)(reconcile.reconcile_command)
-    from billing_cli.cli import demo
-
+    app.add_typer(sources.app, name="sources")
+    app.command("ingest", help=ingest.HELP)(ingest.ingest_command)
+    app.command("usage", help=usage.HELP)(usage.usage_command)
+    app.command("ledger", help=ledger.HELP)(ledger.ledger_command)
     app.command("demo", help=demo.HELP)(demo.demo_command)
