@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ def test_add_creates_missing_file_then_lists_and_shows(cli: Any, tmp_path: Path)
 
     res = cli("sources", "show", "jp-1")
     assert res.exit_code == 0
+    assert "1m (from [defaults])" in res.stdout
+    assert re.search(r"ca_bundle_ref +system *\n", res.stdout)  # set on the source itself
     assert "systemd:client-key" in res.stdout
     assert "https://jp-1.example.net:9550" in res.stdout
 

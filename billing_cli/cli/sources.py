@@ -72,6 +72,9 @@ JSON_FIELDS = (
 )
 
 
+_INHERITED = ("ca_bundle_ref", "collect_interval", "request_timeout", "max_response_bytes")
+
+
 def source_json(registry: Registry, src: SourceConfig) -> dict[str, Any]:
     """One source with resolved defaults; refs are shown as written (they hold no secret)."""
     return {
@@ -211,6 +214,8 @@ def show_source(
     for key in JSON_FIELDS:
         value = data[key]
         shown = "-" if value is None else str(value).lower() if isinstance(value, bool) else value
+        if key in _INHERITED and value is not None and getattr(src, key) is None:
+            shown = f"{shown} (from [defaults])"
         table.add_row(key, Text(str(shown)))
     app_ctx.out.print(table)
 
