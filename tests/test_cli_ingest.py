@@ -335,3 +335,29 @@ def test_store_unreachable_exit_4(cli: CliRunnerFn, tmp_path: Path) -> None:
     assert res.exit_code == 4
     assert "Traceback" not in res.output
     assert "missing-dir" in res.stderr
+
+
+def test_apply_reads_exactly_what_was_validated(
+    cli: CliRunnerFn, tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that grows between the passes (an exporter appending): the tail is not applied
+    unvalidated; it is picked up by the next ingest."""
+    from billing_cli.cli import ingest
+
+    f = tmp_path / "growing.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    original = ingest._validate
+
+    def validate_then_append(*args: Any, **kwargs: Any) -> Any:
+        stats = original(*args, **kwargs)
+        with f.open("ab") as out:  # foreign node: --source would refuse it
+            out.write(ndjson([it(3, [s("u9", 1, 1)], node="node-b")]))
+        return stats
+
+    monkeypatch.setattr(ingest, "_validate", validate_then_append)
+    out = run_json(cli, "ingest", "--source", "node-a-prod", str(f))
+    assert (out["items"], out["new_observations"]) == (3, 6)
+    monkeypatch.setattr(ingest, "_validate", original)
+    res = cli("ingest", "--source", "node-a-prod", str(f))
+    assert res.exit_code == 1
+    assert "item 4" in res.stderr

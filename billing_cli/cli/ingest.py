@@ -11,14 +11,15 @@ file first so that it can be read twice; memory stays bounded by one batch for N
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any, BinaryIO
+from typing import IO, Annotated, Any, BinaryIO, cast
 
 import orjson
 import typer
@@ -105,6 +106,7 @@ def ingest_command(
     pricing, identity = _pricing_and_identity(app, source)
     with _open_input(file) as (stream, name):
         stats = _validate(stream, name, batch_samples, source, identity)
+        validated = io.BufferedReader(_Head(stream, stream.tell()), 1 << 20)
         stream.seek(0)
         if pricing is None:
             # Warned only once the input is known to be good, so errors stay one line.
@@ -116,7 +118,7 @@ def ingest_command(
                 )
             pricing = Pricing()
         report, run_id, stats.batches = _apply(
-            app, stream, name, batch_samples, source, pricing, stats
+            app, cast(BinaryIO, validated), name, batch_samples, source, identity, pricing, stats
         )
     _print_summary(app, report, stats, run_id, source, pricing, json_out)
 
@@ -171,14 +173,39 @@ def _copy(src: IO[bytes], dst: IO[bytes]) -> None:
 
 
 def _batches(
-    stream: BinaryIO, name: str, batch_samples: int
+    stream: BinaryIO,
+    name: str,
+    batch_samples: int,
+    outcome: Callable[[], str] = lambda: "nothing written",
 ) -> Iterator[tuple[list[Item], list[Rejection]]]:
     try:
         yield from iter_ingest(stream, batch_samples)
     except WireFormatError as exc:
-        raise InputError(f"{name}: {exc}; nothing written") from None
+        raise InputError(f"{name}: {exc}; {outcome()}") from None
     except OSError as exc:
-        raise InputError(f"{name}: cannot read: {exc.strerror or exc}; nothing written") from None
+        raise InputError(f"{name}: cannot read: {exc.strerror or exc}; {outcome()}") from None
+
+
+class _Head(io.RawIOBase):
+    """The first ``limit`` bytes of ``f``: the apply pass reads exactly what was validated,
+    even if the file grows meanwhile (an exporter appending to its NDJSON)."""
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._f = f
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")
+        data = self._f.read(min(len(view), self._left))
+        view[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
 
 
 def _validate(
@@ -205,6 +232,7 @@ def _check_identity(
     items: list[Item],
     rejections: list[Rejection],
     offset: int,
+    outcome: str = "nothing written",
 ) -> None:
     node_id, env = identity
     for n, item in enumerate(items, start=offset + 1):
@@ -212,13 +240,13 @@ def _check_identity(
             raise IdentityMismatchError(
                 f"{name}: item {n} (collected_at {format_rfc3339_ns(item.collected_at_ns)}) is "
                 f"node_id={item.node_id!r} env={item.env!r}, but source '{source}' is "
-                f"node_id={node_id!r} env={env!r}; nothing written"
+                f"node_id={node_id!r} env={env!r}; {outcome}"
             )
     for r in rejections:
         if r.node_id != node_id or r.env != env:
             raise IdentityMismatchError(
                 f"{name}: a rejected item is node_id={r.node_id!r} env={r.env!r}, but source "
-                f"'{source}' is node_id={node_id!r} env={env!r}; nothing written"
+                f"'{source}' is node_id={node_id!r} env={env!r}; {outcome}"
             )
 
 
@@ -231,6 +259,7 @@ def _apply(
     name: str,
     batch_samples: int,
     source: str | None,
+    identity: tuple[str, str] | None,
     pricing: Pricing,
     stats: _InputStats,
 ) -> tuple[ApplyReport, int, int]:
@@ -241,11 +270,26 @@ def _apply(
         run_id = store.start_run("ingest", [source] if source else [])
         report = ApplyReport()
         batches = 0
+        applied_items = 0
+
+        def changed() -> str:
+            # Only reachable if the file was rewritten between the two passes.
+            return (
+                f"the input changed while being ingested ({batches} batch(es) already "
+                "applied; running the same ingest again is safe)"
+            )
+
         progress = _progress(app, stats.samples)
         try:
             with progress or nullcontext():
                 task = progress.add_task("ingest", total=stats.samples) if progress else None
-                for items, rejections in _batches(stream, name, batch_samples):
+                for items, rejections in _batches(stream, name, batch_samples, changed):
+                    if identity is not None:
+                        _check_identity(
+                            name, source or "", identity, items, rejections, applied_items,
+                            outcome=changed(),
+                        )  # fmt: skip
+                    applied_items += len(items)
                     report += store.apply(
                         Batch(
                             items=items,
