@@ -120,20 +120,23 @@ def run_store(label: str, url: str, a: argparse.Namespace) -> None:
     store = open_store(url)
     run_id = store.start_run("ingest", ["bench"])
     applied = 0.0
+    cpu = 0.0
     n = 0
     postings = 0
     t_wall = time.perf_counter()
     for page in pages(a):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         rep = store.apply(Batch(page, run_id, PRICING, "bench"))
         applied += time.perf_counter() - t
+        cpu += time.process_time() - c
         n += rep.samples
         postings += rep.postings
     wall = time.perf_counter() - t_wall
     size = db_bytes(store, url)
     store.close()
     print(
-        f"{label}: {n:,} samples in {applied:.2f} s apply ({n / applied:,.0f} samples/s);"
+        f"{label}: {n:,} samples in {applied:.2f} s apply ({n / applied:,.0f} samples/s;"
+        f" this process's CPU {cpu:.2f} s = {n / cpu:,.0f} samples/CPU-s);"
         f" wall incl. generation {wall:.2f} s; postings {postings:,};"
         f" peak RSS {rss_mb():.0f} MB; DB {size / 1e6:.1f} MB = {size / n:.1f} bytes/sample"
     )

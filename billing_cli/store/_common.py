@@ -82,8 +82,16 @@ class Dialect(ABC):
     def dry_run(self) -> AbstractContextManager[None]: ...
 
     @abstractmethod
+    def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
+        """Append rows to a table (executemany / COPY)."""
+
+    @abstractmethod
+    def update_buckets(self, rows: Sequence[Row]) -> None:
+        """Rows: (uplink, downlink, rated, amount, revision, series_id, bucket_start_ns)."""
+
     def insert_observations(self, rows: Sequence[Row]) -> None:
         """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id)."""
+        self.bulk_insert("observations", _OBS_COLS, rows)
 
     @abstractmethod
     def update_heads(self, rows: Sequence[Row]) -> None:
@@ -100,6 +108,13 @@ class _Series(NamedTuple):
     series_id: int
     email: str
     head: Observation | None
+    key: SeriesKey
+
+
+# A series key as a plain tuple: equal (and hashing equal) to the SeriesKey NamedTuple,
+# but built without a Python-level constructor call on the per-sample path.
+RawKey = tuple[str, str, str, str]
+_tuple_new = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -120,6 +135,36 @@ class _Bucket:
     rating_dirty: bool = False  # rating state changed, bytes did not (quota re-rating)
 
 
+_OBS_COLS = (
+    "series_id",
+    "collected_at_ns",
+    "uplink_total",
+    "downlink_total",
+    "counter_epoch",
+    "run_id",
+    "source_id",
+)
+_BUCKET_COLS = (
+    "series_id",
+    "bucket_start_ns",
+    "uplink_bytes",
+    "downlink_bytes",
+    "rated_bytes",
+    "amount_nano",
+    "revision",
+)
+_LEDGER_COLS = (
+    "series_id",
+    "bucket_start_ns",
+    "revision",
+    "entry_type",
+    "rated_bytes",
+    "amount_nano",
+    "currency",
+    "pricing_rule_version",
+    "run_id",
+    "created_at_ns",
+)
 _EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
     " source_id, run_id, detail, created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -421,8 +466,8 @@ class SqlStore:
             return self._apply(batch)
 
     def _load_series(
-        self, per_key: dict[SeriesKey, list[Observation]], emails: dict[SeriesKey, str]
-    ) -> dict[SeriesKey, _Series]:
+        self, per_key: dict[RawKey, list[Observation]], emails: dict[RawKey, str]
+    ) -> dict[RawKey, _Series]:
         cols: list[KeyCol] = [
             ("node_id", "text"),
             ("env", "text"),
@@ -434,11 +479,12 @@ class SqlStore:
             " AND s.env = k.env AND s.uuid = k.uuid AND s.inbound_tag = k.inbound_tag"
         )
 
-        def load(keys: Sequence[SeriesKey]) -> dict[SeriesKey, _Series]:
-            found: dict[SeriesKey, _Series] = {}
+        def load(keys: Sequence[RawKey]) -> dict[RawKey, _Series]:
+            found: dict[RawKey, _Series] = {}
             for r in self._keyset_query(sql, "k", cols, keys):
                 head = None if r[6] is None else Observation(int(r[6]), int(r[7]), int(r[8]), r[9])
-                found[SeriesKey(r[1], r[2], r[3], r[4])] = _Series(int(r[0]), r[5], head)
+                key = SeriesKey(r[1], r[2], r[3], r[4])
+                found[key] = _Series(int(r[0]), r[5], head, key)
             return found
 
         series = load(list(per_key))
@@ -511,21 +557,22 @@ class SqlStore:
         ]
 
         # 1. Group the page by series (delivery order kept: the first value wins).
-        per_key: dict[SeriesKey, list[Observation]] = {}
-        emails: dict[SeriesKey, str] = {}
+        per_key: dict[RawKey, list[Observation]] = {}
+        emails: dict[RawKey, str] = {}
         samples = 0
+        get = per_key.get
         for item in batch.items:
             t, ep, node, env = item.collected_at_ns, item.counter_epoch, item.node_id, item.env
             samples += len(item.samples)
-            for s in item.samples:
-                key = SeriesKey(node, env, s.uuid, s.inbound_tag)
-                obs = Observation(t, s.uplink_total, s.downlink_total, ep)
-                lst = per_key.get(key)
+            for uuid, email, tag, up, down in item.samples:
+                key = (node, env, uuid, tag)
+                obs = _tuple_new(Observation, (t, up, down, ep))
+                lst = get(key)
                 if lst is None:
                     per_key[key] = [obs]
                 else:
                     lst.append(obs)
-                emails[key] = s.email
+                emails[key] = email
         report.samples = samples
 
         if per_key:
@@ -564,8 +611,8 @@ class SqlStore:
     def _apply_observations(
         self,
         batch: Batch,
-        per_key: dict[SeriesKey, list[Observation]],
-        emails: dict[SeriesKey, str],
+        per_key: dict[RawKey, list[Observation]],
+        emails: dict[RawKey, str],
         report: ApplyReport,
         events: list[Row],
         now: int,
@@ -590,8 +637,8 @@ class SqlStore:
         head_rows: list[Row] = []
         changes: list[tuple[int, SeriesKey, int, int, int]] = []
         maybe_existing: list[Row] = []
-        for key, obs in per_key.items():
-            sid, _, head = series[key]
+        for raw, obs in per_key.items():
+            sid, _, head, key = series[raw]
             window = windows.get(sid)
             if window is None:
                 window = [head] if head is not None else []
@@ -701,28 +748,15 @@ class SqlStore:
                     (b.uplink, b.downlink, b.rated, b.amount, b.revision, b.series_id, b.start)
                 )
         if inserts:
-            self.db.executemany(
-                "INSERT INTO buckets (series_id, bucket_start_ns, uplink_bytes, downlink_bytes,"
-                " rated_bytes, amount_nano, revision) VALUES (?,?,?,?,?,?,?)",
-                inserts,
-            )
+            self.db.bulk_insert("buckets", _BUCKET_COLS, inserts)
         if updates:
-            self.db.executemany(
-                "UPDATE buckets SET uplink_bytes = ?, downlink_bytes = ?, rated_bytes = ?,"
-                " amount_nano = ?, revision = ? WHERE series_id = ? AND bucket_start_ns = ?",
-                updates,
-            )
+            self.db.update_buckets(updates)
         if deletes:
             self.db.executemany(
                 "DELETE FROM buckets WHERE series_id = ? AND bucket_start_ns = ?", deletes
             )
         if ledger_rows:
-            self.db.executemany(
-                "INSERT INTO ledger_postings (series_id, bucket_start_ns, revision, entry_type,"
-                " rated_bytes, amount_nano, currency, pricing_rule_version, run_id,"
-                " created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                ledger_rows,
-            )
+            self.db.bulk_insert("ledger_postings", _LEDGER_COLS, ledger_rows)
 
         changed = [b for b in buckets if (b.uplink, b.downlink) != (b.old_uplink, b.old_downlink)]
         report.buckets_changed += len(changed)

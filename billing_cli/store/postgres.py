@@ -78,16 +78,25 @@ class PostgresDialect(Dialect):
         # Two first-use processes must not both create the schema.
         self.execute("SELECT pg_advisory_xact_lock(?)", (0x62696C6C,))
 
-    def insert_observations(self, rows: Sequence[Row]) -> None:
+    def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         with (
             self.conn.cursor() as cur,
-            cur.copy(
-                "COPY observations (series_id, collected_at_ns, uplink_total, downlink_total,"
-                " counter_epoch, run_id, source_id) FROM STDIN"
-            ) as copy,
+            cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy,
         ):
+            write = copy.write_row
             for r in rows:
-                copy.write_row(r)
+                write(r)
+
+    def update_buckets(self, rows: Sequence[Row]) -> None:
+        up, down, rated, amount, rev, sid, start = (list(c) for c in zip(*rows, strict=True))
+        self.execute(
+            "UPDATE buckets b SET uplink_bytes = v.up, downlink_bytes = v.down,"
+            " rated_bytes = v.rated, amount_nano = v.amount, revision = v.rev"
+            " FROM unnest(?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[],"
+            " ?::bigint[], ?::bigint[]) AS v(up, down, rated, amount, rev, sid, start)"
+            " WHERE b.series_id = v.sid AND b.bucket_start_ns = v.start",
+            (up, down, rated, amount, rev, sid, start),
+        )
 
     def update_heads(self, rows: Sequence[Row]) -> None:
         t, up, down, ep, sid = (list(c) for c in zip(*rows, strict=True))

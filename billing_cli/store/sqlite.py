@@ -103,10 +103,14 @@ class SQLiteDialect(Dialect):
     def dry_run(self) -> AbstractContextManager[None]:
         return self._dry_run()
 
-    def insert_observations(self, rows: Sequence[Row]) -> None:
+    def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
+        marks = ",".join("?" * len(cols))
+        self.conn.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+
+    def update_buckets(self, rows: Sequence[Row]) -> None:
         self.conn.executemany(
-            "INSERT INTO observations (series_id, collected_at_ns, uplink_total, downlink_total,"
-            " counter_epoch, run_id, source_id) VALUES (?,?,?,?,?,?,?)",
+            "UPDATE buckets SET uplink_bytes = ?, downlink_bytes = ?, rated_bytes = ?,"
+            " amount_nano = ?, revision = ? WHERE series_id = ? AND bucket_start_ns = ?",
             rows,
         )
 
