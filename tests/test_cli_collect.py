@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trustme
 from _collect_support import (
     Env,
+    assert_no_secrets,
     expected_usage,
     fleet_end_ns,
     make_env,
@@ -288,11 +290,14 @@ def test_catch_up_after_multi_hour_outage_in_chunks(make: MakeEnv) -> None:
         store.close()
     row = only(env.json("collect"))
     assert row["status"] == "ok"
-    windows = [
-        (parse_rfc3339_ns(q["since"]), parse_rfc3339_ns(q["until"]))
-        for ep, q in node.requests
-        if ep == "window"
-    ]
+    # Several pages per chunk share the chunk's bounds: one entry per chunk, in order.
+    windows = list(
+        dict.fromkeys(
+            (parse_rfc3339_ns(q["since"]), parse_rfc3339_ns(q["until"]))
+            for ep, q in node.requests
+            if ep == "window"
+        )
+    )
     assert windows[0][0] == last_ok - 2 * NS_PER_MINUTE  # default overlap
     # Contiguous 1h chunks: each starts 1 ns after the previous one's inclusive end.
     assert len(windows) >= 4
@@ -416,3 +421,56 @@ def test_locked_source_is_skipped_with_exit_75(make: MakeEnv) -> None:
     finally:
         held.release()
     assert only(env.json("collect", "--source", "node-01"))["status"] == "ok"
+
+
+def test_mtls_collect_on_both_backends(make: MakeEnv, db_url: str) -> None:
+    env = make(nodes=2, series=5, minutes=6, db=db_url)
+    doc = env.json("collect")
+    assert [s["status"] for s in doc["sources"]] == ["ok", "ok"]
+    for sid in ("node-01", "node-02"):
+        assert store_usage(env.db, sid) == all_items(env, sid)
+    again = env.json("collect", "--source", "node-01")
+    assert only(again)["new_observations"] == 0
+
+
+def test_legacy_exporter_base_url_latest_shim(
+    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    cli: CliRunnerFn,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No registry, EXPORTER_BASE_URL set: one implicit source on /latest, one item a run;
+    what happened between two runs lands in the later item's minute."""
+    sim = sim_fleet(mtls=False, bearer=True, series=4, minutes=3, end_ns=fleet_end_ns())
+    node = sim.fleet.node("node-01")
+    monkeypatch.setenv("EXPORTER_BASE_URL", sim.fleet.base_url("node-01"))
+    monkeypatch.setenv("EXPORTER_NODE_ID", "node-01")
+    monkeypatch.setenv("EXPORTER_ENV", "prod")
+    monkeypatch.setenv("EXPORTER_CA_BUNDLE_REF", f"file:{sim.pki.ca}")
+    monkeypatch.setenv("LEGACY_TOKEN", sim.fleet.tokens["node-01"])
+    monkeypatch.setenv("EXPORTER_TOKEN_REF", "env:LEGACY_TOKEN")
+    db = str(tmp_path / "legacy.db")
+    outputs: list[str] = []
+
+    def collect() -> dict[str, Any]:
+        res = cli("--db", db, "collect", "--source", "legacy", "--json")
+        outputs.extend([res.stdout, res.stderr])
+        assert res.exit_code == 0, res.output
+        return only(orjson.loads(res.stdout), "legacy")
+
+    first_at = node.collected_ats()[-1]
+    row = collect()
+    assert row["items"] == 1
+    assert row["new_observations"] == 4
+    assert row["buckets_changed"] == 0  # the first item is a baseline
+    sim.fleet.advance(3)
+    later_at = node.collected_ats()[-1]
+    row = collect()
+    assert row["items"] == 1
+    assert row["new_observations"] == 4
+    rows = usage_rows(db)
+    # Three minutes of usage, all in the later item's minute.
+    assert {k[2] for k in rows} <= {later_at - later_at % NS_PER_MINUTE}
+    assert store_usage(db) == expected_usage(node, first_at, later_at)
+    assert checkpoint_until(Env(sim, cli, db, tmp_path), "legacy") == later_at
+    assert_no_secrets(outputs, sim.secrets())

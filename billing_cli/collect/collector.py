@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SourceStatus = Literal["ok", "failed", "skipped"]
 
 MAX_ERROR_CHARS = 400
+FIRST_PAGE_ITEMS = 8
 
 
 class BudgetExceededError(SourceError):
@@ -104,6 +105,9 @@ class PullSettings:
 
     chunk_s: float = 3600.0
     page_limit: int = 1000
+    # Items per request are also capped so one page holds about this many samples: memory
+    # is bounded by a few pages whatever the window or the fleet's series count.
+    page_samples: int = 16_000
     budget_s: float = 300.0
     collect_bucket_changes: bool = False
 
@@ -208,6 +212,9 @@ def iter_source_batches(
         yield from _iter_latest(task, client, pricing, run_id, settings, attempted_at_ns)
         return
     chunk_ns = int(settings.chunk_s * NS_PER_SECOND)
+    # Start small (series per item are unknown yet) and adapt after the first page.
+    limit = min(settings.page_limit, FIRST_PAGE_ITEMS)
+    seen_items = seen_samples = 0
     for chunk_since, chunk_until in plan_chunks(task.since_ns, task.until_ns, chunk_ns):
         cursor: str | None = None
         seen: set[str] = set()
@@ -224,7 +231,7 @@ def iter_source_batches(
             where = f"page {page_no} of chunk {format_rfc3339_ns(chunk_since)}"
             # The window API's bounds are inclusive; chunks are half-open, so ask for
             # [since, until - 1ns] and no item is fetched twice at a chunk boundary.
-            raw = client.get_window(chunk_since, chunk_until - 1, settings.page_limit, cursor)
+            raw = client.get_window(chunk_since, chunk_until - 1, limit, cursor)
             try:
                 page = parse_window_page(raw)
             except WireFormatError as exc:
@@ -251,6 +258,12 @@ def iter_source_batches(
                         f"{where}: exporter repeated a cursor (pagination loop); stopped",
                     )
             last = not page.has_more
+            if page.items:
+                # Adapt the item limit to the exporter's series count (samples per item).
+                seen_items += len(page.items)
+                seen_samples += sum(len(i.samples) for i in page.items)
+                per_item = max(1, seen_samples // seen_items)
+                limit = max(1, min(settings.page_limit, settings.page_samples // per_item))
             advance = None
             if task.advance_checkpoint:
                 advance = CheckpointAdvance(
@@ -381,7 +394,7 @@ def run_sources(
     if not tasks:
         return outcomes
     # Bounded: a fast exporter cannot run ahead of the writer by more than a few pages.
-    inbox: queue.Queue[_Msg] = queue.Queue(maxsize=max(2, 2 * concurrency))
+    inbox: queue.Queue[_Msg] = queue.Queue(maxsize=max(2, concurrency))
     abandoned: set[str] = set()  # sources the writer failed; their workers stop early
     abandoned_lock = threading.Lock()
     stop = threading.Event()  # the writer gave up (interrupt, bug): workers must not block
