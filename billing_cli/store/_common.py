@@ -19,7 +19,7 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
@@ -210,8 +210,10 @@ class SqlStore:
     # --- plumbing ---------------------------------------------------------------------
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
-        with self._lock:
+    def _guard(self, what: str, *, lock: bool = True) -> Iterator[None]:
+        # Readers that stream rows (iter_usage/iter_ledger) do not hold the lock while
+        # suspended: a consumer may stop iterating at any point.
+        with self._lock if lock else nullcontext():
             try:
                 yield
             except self.db.errors as exc:
@@ -416,7 +418,7 @@ class SqlStore:
             f" WHERE (b.uplink_bytes <> 0 OR b.downlink_bytes <> 0) AND {where} ORDER BY "
             + self._order("b.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag")
         )
-        with self._guard("read usage"):
+        with self._guard("read usage", lock=False):
             for r in self.db.stream(sql, params):
                 yield UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
 
@@ -432,7 +434,7 @@ class SqlStore:
                 "l.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag", "l.revision"
             )
         )
-        with self._guard("read the ledger"):
+        with self._guard("read the ledger", lock=False):
             for r in self.db.stream(sql, params):
                 yield LedgerRow(
                     entry_id=int(r[0]),
@@ -778,13 +780,37 @@ class SqlStore:
         out: list[tuple[_Bucket, ledger.Posting]] = []
         quota_groups: dict[tuple[str, int], list[_Bucket]] = {}
         has_quota = pricing.has_included_quota
+        # Without an included quota every bucket rates on its own (the hot path).
+        rate_bucket, next_posting, bfr = (
+            rater.rate_bucket,
+            ledger.next_posting,
+            rating.BucketForRating,
+        )
+        append = out.append
+        postings = adjustments = adjustment_amount = charged = 0
         for b in buckets:
             if has_quota and pricing.included_for(b.key.uuid) > 0:
                 ps = rating.period_start_ns(b.start, pricing)
                 quota_groups.setdefault((b.key.uuid, ps), []).append(b)
                 continue
-            new, _ = rater.rate_bucket(rating.BucketForRating(b.key, b.start, b.uplink, b.downlink))
-            self._post(b, new, out, report)
+            new = rate_bucket(bfr(b.key, b.start, b.uplink, b.downlink))[0]
+            p = next_posting(b.rated, b.amount, b.revision, new)
+            if p is None:
+                continue
+            append((b, p))
+            b.rated += p.rated_bytes
+            b.amount += p.amount_nano
+            b.revision += 1
+            b.rating_dirty = True
+            postings += 1
+            charged += p.amount_nano
+            if p.entry_type == "adjustment":
+                adjustments += 1
+                adjustment_amount += p.amount_nano
+        report.postings += postings
+        report.adjustments += adjustments
+        report.adjustment_amount_nano += adjustment_amount
+        report.charged_amount_nano += charged
         rerated: list[_Bucket] = []
         for (uuid, ps), group in quota_groups.items():
             in_batch = {id(b) for b in group}
