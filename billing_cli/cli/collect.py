@@ -63,15 +63,12 @@ other runs hold their locks.
 
 Examples:
 
-  billing collect                                   # every due enabled source
-
-  billing collect --source node-a --source node-b   # just these two, due or not
-
-  billing collect --since 2026-11-24T00:00:00Z      # first run: start there, not 1h ago
-
+\b
+  billing collect
+  billing collect --source node-a --source node-b      # just these two, due or not
+  billing collect --since 2026-11-24T00:00:00Z         # first run: start there, not 1h ago
   billing collect --json | jq '.sources[] | select(.status != "ok")'
-
-  * * * * * billing -q collect                      # crontab: silent unless a source fails
+  * * * * *  billing -q collect                        # crontab: silent unless a failure
 """
 
 # A source is due when at least interval - slack has elapsed since its last attempt, so a

@@ -67,10 +67,9 @@ registry; 75 every selected source is held by another run.
 
 Examples:
 
+\b
   billing reconcile --source node-a --since 2026-11-24T00:00:00Z --until 2026-11-24T06:00:00Z
-
-  billing reconcile --source node-a --since 6h --dry-run      # what would change?
-
+  billing reconcile --source node-a --since 6h --dry-run       # what would change?
   billing reconcile --all --since 24h --json | jq '.sources[].completeness'
 """
 
@@ -341,41 +340,29 @@ def _emit(
         " (dry run: nothing written)" if doc["dry_run"] else ""
     )
     table = Table(title=title, title_justify="left")
-    for col in (
-        "source",
-        "status",
-        "items",
-        "new",
-        "dup",
-        "conflicts",
-        "buckets",
-        "bytes Δ",
-        "adjust",
-        "amount",
-        "missing min",
-        "error",
-    ):
-        table.add_column(col, justify="left" if col in ("source", "status", "error") else "right")
+    cols = ("source", "status", "new", "conflicts", "buckets", "bytes Δ", "adjust", "amount")
+    for col in (*cols, "missing min"):
+        table.add_column(col, justify="left" if col in ("source", "status") else "right")
     for s in doc["sources"]:
         comp = s["completeness"]
         missing = comp["missing_minutes"]
         table.add_row(
             s["source_id"],
             s["status"],
-            f"{s['items']:,}",
             f"{s['new_observations']:,}",
-            f"{s['duplicates']:,}",
             f"{s['conflicts']:,}",
             f"{s['buckets_repaired']:,}",
             f"{s['bytes_delta']:+,}",
             f"{s['ledger_adjustments']:,}",
             s["adjustment_amount"],
             "-" if missing is None else f"{missing}/{comp['minutes']}",
-            s["error"] or s["note"] or "",
         )
     app.out.print(table)
     for s in doc["sources"]:
         for hole in s["completeness"]["holes"][:20]:
             app.out.print(f"  {s['source_id']}: no items in [{hole['start']}, {hole['end']})")
+    for s in doc["sources"]:
+        if s["error"] or s["note"]:
+            app.out.print(f"  {s['source_id']}: {s['error'] or s['note']}")
     for note in doc["notes"]:
         app.out.print(f"  note: {note}")
