@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from billing_cli._time import parse_rfc3339_ns
 from billing_cli.core.types import Item, Sample
@@ -338,3 +340,62 @@ def test_ndjson_bad_sample_is_rejection_not_error() -> None:
     items, rej = parse_ingest(raw)
     assert [s.uuid for i in items for s in i.samples] == ["ok", "ok"]
     assert [r.uuid for r in rej] == ["neg", "neg"]
+
+
+# --- property: every sample is either kept exactly or rejected, never lost -----------------
+
+_counter = st.one_of(
+    st.integers(min_value=0, max_value=2**63 - 1),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.text(max_size=3),
+    st.none(),
+)
+_ident = st.one_of(st.sampled_from(["u1", "u2", "u3"]), st.just(""), st.integers(0, 3))
+_sample = st.fixed_dictionaries(
+    {
+        "uuid": _ident,
+        "inbound_tag": st.sampled_from(["a", "b"]),
+        "uplink_bytes_total": _counter,
+        "downlink_bytes_total": _counter,
+    },
+    optional={"email": st.one_of(st.text(max_size=3), st.none(), st.integers())},
+)
+
+
+def _expected_valid(samples: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """An independent, obviously-correct statement of the rules."""
+
+    def ok_counter(v: Any) -> bool:
+        return type(v) is int and 0 <= v < 2**63
+
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for s in samples:
+        uuid, tag, email = s["uuid"], s["inbound_tag"], s.get("email")
+        keyed = isinstance(uuid, str) and uuid != ""
+        valid = (
+            keyed
+            and ok_counter(s["uplink_bytes_total"])
+            and ok_counter(s["downlink_bytes_total"])
+            and (email is None or isinstance(email, str))
+            and (uuid, tag) not in seen
+        )
+        if keyed:
+            seen.add((uuid, tag))
+        if valid:
+            out.append((uuid, email or "", tag, s["uplink_bytes_total"], s["downlink_bytes_total"]))
+    return out
+
+
+@given(st.lists(_sample, max_size=12))
+def test_property_kept_or_rejected(samples: list[dict[str, Any]]) -> None:
+    raw = json.dumps(
+        {"node_id": "n", "env": "e", "items": [{"collected_at": TS, "samples": samples}]}
+    ).encode()
+    wp = parse_window_page(raw)
+    kept = [tuple(s) for s in wp.items[0].samples]
+    assert kept == _expected_valid(samples)
+    assert len(kept) + len(wp.rejections) == len(samples)
+    assert all(r.reason and "\n" not in r.reason for r in wp.rejections)
