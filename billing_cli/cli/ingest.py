@@ -63,12 +63,11 @@ failure.
 
 Examples:
 
+\b
   billing ingest snapshots.ndjson
-
-  billing ingest --source node-a-prod window-page.json --json
-
-  curl -s https://exporter:9550/v1/snapshots/window?since=... | billing ingest -
-
+  billing ingest snapshots.ndjson --json                 # again: all duplicates, no change
+  billing ingest --source node-a-prod window-page.json   # node_id/env must match node-a-prod
+  xz -dc archive.ndjson.xz | billing ingest -
   billing --db postgresql://billing@db/billing ingest /var/lib/xray-exporter/snapshots.json
 """
 
