@@ -628,10 +628,10 @@ class SqlStore:
             head = series[key].head
             if head is None:
                 continue
-            ts = [o.collected_at_ns for o in obs]
-            lo = min(ts)
-            if lo <= head.collected_at_ns:
-                late.append((series[key].series_id, lo, max(ts)))
+            head_t = head.collected_at_ns
+            if any(o.collected_at_ns <= head_t for o in obs):
+                ts = [o.collected_at_ns for o in obs]
+                late.append((series[key].series_id, min(ts), max(ts)))
         windows = self._load_windows(late)
 
         # 3. Meter each series.
