@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
@@ -243,48 +244,70 @@ def _parse_item(
             rejections.append(Rejection(ts, node_id, env, "", "", reason))
         return None
 
-    valid: list[Sample] = []
-    append = valid.append
-    seen: set[tuple[str, str]] = set()
-    add = seen.add
-    n_seen = 0
+    valid = _clean_samples(samples)
+    if valid is None:
+        valid = _checked_samples(samples, collected_at_ns, node_id, env, rejections)
+    return Item(collected_at_ns, node_id, env, epoch, valid)
+
+
+# The wire fields in ``Sample`` order, fetched per sample by one C call.
+_SAMPLE_FIELDS = operator.itemgetter(
+    "uuid", "email", "inbound_tag", "uplink_bytes_total", "downlink_bytes_total"
+)
+_UUID = operator.itemgetter(0)
+_TAG = operator.itemgetter(2)
+
+
+def _clean_samples(samples: list[Any]) -> list[Sample] | None:
+    """Fast path: the samples of an item in the exact shape well-behaved exporters send.
+
+    Returns ``None`` at the first doubt (a missing field, even an optional one; a wrong
+    type; a counter out of range; a duplicate series); the caller then re-checks the whole
+    item sample by sample, which decides and words every rejection.
+    """
+    fields = _SAMPLE_FIELDS
     limit = COUNTER_LIMIT
     new = tuple.__new__  # builds the NamedTuple without its Python-level __new__
+    valid: list[Sample] = []
+    append = valid.append
     for s in samples:
-        # Fast path: the exact shape every well-behaved exporter sends. Anything else
-        # (missing email, wrong types, duplicates) goes to the slow path, which decides.
         try:
-            uuid = s["uuid"]
-            tag = s["inbound_tag"]
-            up = s["uplink_bytes_total"]
-            down = s["downlink_bytes_total"]
-            email = s["email"]
+            t = fields(s)
         except (KeyError, TypeError, IndexError):
-            pass
-        else:
-            if (
-                type(uuid) is str
-                and type(tag) is str
-                and type(up) is int
-                and type(down) is int
-                and type(email) is str
-                and uuid
-                and tag
-                and 0 <= up < limit
-                and 0 <= down < limit
-            ):
-                add((uuid, tag))
-                if len(seen) > n_seen:  # a new series: not a duplicate
-                    n_seen += 1
-                    append(new(Sample, (uuid, email, tag, up, down)))
-                    continue
-        checked = _check_sample(s, collected_at_ns, node_id, env, seen)
-        n_seen = len(seen)
+            return None
+        uuid, email, tag, up, down = t
+        if not (
+            type(uuid) is str
+            and type(tag) is str
+            and type(up) is int  # `is`, not isinstance: bool is not a counter
+            and type(down) is int
+            and type(email) is str
+            and uuid
+            and tag
+            and 0 <= up < limit
+            and 0 <= down < limit
+        ):
+            return None
+        append(new(Sample, t))
+    # Duplicate series, checked once per item with C-level loops.
+    if len(set(zip(map(_UUID, valid), map(_TAG, valid), strict=True))) != len(valid):
+        return None
+    return valid
+
+
+def _checked_samples(
+    samples: list[Any], ts: int, node_id: str, env: str, rejections: list[Rejection]
+) -> list[Sample]:
+    """Slow path: every sample checked on its own; invalid ones become rejections."""
+    valid: list[Sample] = []
+    seen: set[tuple[str, str]] = set()
+    for s in samples:
+        checked = _check_sample(s, ts, node_id, env, seen)
         if type(checked) is Rejection:
             rejections.append(checked)
         else:
-            append(checked)  # type: ignore[arg-type]
-    return Item(collected_at_ns, node_id, env, epoch, valid)
+            valid.append(checked)  # type: ignore[arg-type]
+    return valid
 
 
 def _check_sample(
