@@ -254,6 +254,9 @@ def _parse_item(
 _SAMPLE_FIELDS = operator.itemgetter(
     "uuid", "email", "inbound_tag", "uplink_bytes_total", "downlink_bytes_total"
 )
+_SAMPLE_FIELDS_NO_EMAIL = operator.itemgetter(
+    "uuid", "inbound_tag", "uplink_bytes_total", "downlink_bytes_total"
+)
 _UUID = operator.itemgetter(0)
 _TAG = operator.itemgetter(2)
 
@@ -261,10 +264,13 @@ _TAG = operator.itemgetter(2)
 def _clean_samples(samples: list[Any]) -> list[Sample] | None:
     """Fast path: the samples of an item in the exact shape well-behaved exporters send.
 
-    Returns ``None`` at the first doubt (a missing field, even an optional one; a wrong
-    type; a counter out of range; a duplicate series); the caller then re-checks the whole
-    item sample by sample, which decides and words every rejection.
+    Returns ``None`` at the first doubt (a missing field, a wrong type, a counter out of
+    range, a duplicate series); the caller then re-checks the whole item sample by sample,
+    which decides and words every rejection. Items whose samples all omit the optional
+    ``email`` have their own fast path.
     """
+    if samples and type(samples[0]) is dict and "email" not in samples[0]:
+        return _clean_samples_without_email(samples)
     fields = _SAMPLE_FIELDS
     limit = COUNTER_LIMIT
     new = tuple.__new__  # builds the NamedTuple without its Python-level __new__
@@ -289,10 +295,39 @@ def _clean_samples(samples: list[Any]) -> list[Sample] | None:
         ):
             return None
         append(new(Sample, t))
-    # Duplicate series, checked once per item with C-level loops.
-    if len(set(zip(map(_UUID, valid), map(_TAG, valid), strict=True))) != len(valid):
-        return None
-    return valid
+    return valid if _no_duplicate_series(valid) else None
+
+
+def _clean_samples_without_email(samples: list[Any]) -> list[Sample] | None:
+    fields = _SAMPLE_FIELDS_NO_EMAIL
+    limit = COUNTER_LIMIT
+    new = tuple.__new__
+    valid: list[Sample] = []
+    append = valid.append
+    for s in samples:
+        try:
+            uuid, tag, up, down = fields(s)
+        except (KeyError, TypeError, IndexError):
+            return None
+        if not (
+            type(uuid) is str
+            and type(tag) is str
+            and type(up) is int
+            and type(down) is int
+            and uuid
+            and tag
+            and 0 <= up < limit
+            and 0 <= down < limit
+            and "email" not in s  # a mixed item: let the slow path keep each email
+        ):
+            return None
+        append(new(Sample, (uuid, "", tag, up, down)))
+    return valid if _no_duplicate_series(valid) else None
+
+
+def _no_duplicate_series(valid: list[Sample]) -> bool:
+    """Checked once per item, with C-level loops."""
+    return len(set(zip(map(_UUID, valid), map(_TAG, valid), strict=True))) == len(valid)
 
 
 def _checked_samples(

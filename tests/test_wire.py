@@ -399,3 +399,12 @@ def test_property_kept_or_rejected(samples: list[dict[str, Any]]) -> None:
     assert kept == _expected_valid(samples)
     assert len(kept) + len(wp.rejections) == len(samples)
     assert all(r.reason and "\n" not in r.reason for r in wp.rejections)
+
+
+def test_email_kept_in_items_mixing_samples_with_and_without_it() -> None:
+    plain = sample("u1")
+    del plain["email"]
+    for order in ([plain, sample("u2")], [sample("u2"), plain]):
+        wp = parse_window_page(page([item(order)]))
+        assert {x.uuid: x.email for x in wp.items[0].samples} == {"u1": "", "u2": "u2@example.com"}
+        assert wp.rejections == []
