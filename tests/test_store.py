@@ -455,3 +455,38 @@ def test_sqlite_url_forms(tmp_path: Path) -> None:
     assert p.exists()
     mode = sqlite3.connect(p).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_concurrent_writers_to_one_series_converge(db_url: str) -> None:
+    # Two connections apply interleaved observations of the same series at the same time
+    # (e.g. an ingest racing a collect); metering must never use a stale head.
+    import threading
+
+    obs = [item(T0 + i * (M // 3), ("a", i * 10, i)) for i in range(60)]
+    stores = [open_store(db_url), open_store(db_url)]
+    runs = [s.start_run("ingest", []) for s in stores]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for it in obs[k::2]:
+                stores[k].apply(Batch([it], runs[k], PRICING, "s1"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    got = usage(stores[0])
+    total_up = sum(r[2] for r in got)
+    assert total_up == 590  # 59 intervals of 10 bytes after the baseline
+    by_minute: dict[int, int] = {}
+    for i in range(1, 60):
+        m = (i * (M // 3)) // M * M
+        by_minute[m] = by_minute.get(m, 0) + 10
+    assert [(m, up) for _, m, up, _ in got] == sorted(by_minute.items())
+    for s in stores:
+        s.close()

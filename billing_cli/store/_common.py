@@ -52,6 +52,10 @@ class Dialect(ABC):
     name: Literal["sqlite", "postgres"]
     errors: tuple[type[Exception], ...]
     order_collate: str = ""  # appended to ORDER BY text columns (binary order everywhere)
+    # Appended to the series lookup of apply(). SQLite needs nothing (BEGIN IMMEDIATE
+    # already serialises writers); PostgreSQL locks the touched series rows so two
+    # concurrent applies to one series cannot both meter against the same head.
+    lock_series: str = ""
 
     @abstractmethod
     def q(self, sql: str) -> str:
@@ -479,6 +483,7 @@ class SqlStore:
         sql = (
             f"SELECT {_SERIES_COLS} FROM k JOIN series s ON s.node_id = k.node_id"
             " AND s.env = k.env AND s.uuid = k.uuid AND s.inbound_tag = k.inbound_tag"
+            f" ORDER BY s.series_id{self.db.lock_series}"
         )
 
         def load(keys: Sequence[RawKey]) -> dict[RawKey, _Series]:

@@ -21,6 +21,7 @@ class PostgresDialect(Dialect):
     errors = (psycopg.Error,)
     order_collate = ' COLLATE "C"'  # byte order, identical to SQLite's BINARY collation
     keyset_chunk = 50_000
+    lock_series = " FOR UPDATE OF s"  # rows locked in series_id order: no lock-order deadlock
 
     def __init__(self, url: str) -> None:
         self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
