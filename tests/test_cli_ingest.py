@@ -361,3 +361,11 @@ def test_apply_reads_exactly_what_was_validated(
     res = cli("ingest", "--source", "node-a-prod", str(f))
     assert res.exit_code == 1
     assert "item 4" in res.stderr
+
+
+def test_stdin_garbage_exit_3_nothing_written(cli: CliRunnerFn, tmp_path: Path) -> None:
+    res = cli("ingest", "-", input=b'{"collected_at": "2026-11-24T10:00:00Z", "samples": [}\n')
+    assert res.exit_code == 3
+    assert res.stderr.startswith("error: stdin: ")
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "billing.db").exists()
