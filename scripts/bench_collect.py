@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace, windows: int, workdir: Path) -> dict[str, 
     try:
         if server.stdout.readline().strip() != "ready":
             raise SystemExit("fleet did not start")
-        since_s = minutes * 60 + 90
+        since_s = minutes * 60 + 600  # covers the whole history even if collect starts later
         fl = subprocess.run(
             [PY, __file__, "--floor", "--registry", str(registry), "--since-s", str(since_s)],
             capture_output=True,
