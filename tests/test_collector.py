@@ -367,3 +367,91 @@ def test_budget_exhausted_before_any_chunk_is_a_failure(store: Store) -> None:
     )
     assert out["node-a"].status == "failed"
     assert "time budget" in (out["node-a"].error or "")
+
+
+@respx.mock
+def test_failure_in_a_later_chunk_keeps_the_earlier_chunks_checkpoint(store: Store) -> None:
+    h = 3600 * NS_PER_SECOND
+    calls = {"n": 0}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if parse_rfc3339_ns(request.url.params["since"]) >= T0 + h:
+            return page([item(61, 900)], node="node-x")  # second chunk: wrong identity
+        return page([item(0, 100), item(1, 200)])
+
+    respx.get(WINDOW).mock(side_effect=answer)
+    out = pull(store, [PullTask(Src(), since_ns=T0, until_ns=T0 + 2 * h)])
+    assert out["node-a"].status == "failed"
+    assert out["node-a"].chunks_completed == 1
+    cp = store.get_checkpoint("node-a")
+    assert cp is not None
+    assert cp.last_successful_until_ns == T0 + h  # never ahead of the committed data
+    assert cp.consecutive_failures == 1
+
+
+class _FailingStore:
+    """Delegates to a real store but fails every apply for one source."""
+
+    def __init__(self, inner: Store, bad: str) -> None:
+        self.inner = inner
+        self.bad = bad
+
+    def apply(self, batch: Any) -> Any:
+        if batch.source_id == self.bad:
+            from billing_cli._errors import StoreError
+
+            raise StoreError("database is locked (simulated)")
+        return self.inner.apply(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@respx.mock
+def test_a_store_failure_fails_only_that_source(store: Store) -> None:
+    respx.get(WINDOW).mock(side_effect=lambda request: page([item(0, 100), item(1, 200)]))
+    respx.get("https://b.test/v1/snapshots/window").mock(
+        side_effect=lambda request: page([item(0, 100), item(1, 200)], node="node-b")
+    )
+    failing: Any = _FailingStore(store, "node-b")
+    until = T0 + 5 * NS_PER_MINUTE
+    out = pull(
+        failing,
+        [
+            PullTask(Src(), since_ns=T0, until_ns=until),
+            PullTask(
+                Src(source_id="node-b", node_id="node-b", base_url="https://b.test"),
+                since_ns=T0,
+                until_ns=until,
+            ),
+        ],
+    )
+    assert out["node-a"].status == "ok"
+    assert out["node-b"].status == "failed"
+    assert "database is locked" in (out["node-b"].error or "")
+    b = store.get_checkpoint("node-b")
+    assert b is not None
+    assert b.last_successful_until_ns is None
+    assert b.consecutive_failures == 1
+
+
+def test_collect_table_renders_every_column() -> None:
+    from rich.console import Console
+
+    from billing_cli.cli.collect import collect_table
+    from billing_cli.collect.collector import SourceOutcome
+    from billing_cli.store.base import ApplyReport
+
+    ok = SourceOutcome("node-a", "node-a", "prod", "ok", pages=3)
+    ok.report = ApplyReport(items=5, samples=50, new_observations=40, duplicates=10)
+    bad = SourceOutcome("node-b", "node-b", "prod", "failed", error="source 'node-b': boom")
+    console = Console(width=200, record=True)
+    console.print(collect_table([ok, bad], {}, T0, 7))
+    text = console.export_text()
+    assert "collect run 7" in text
+    for header in ("source", "status", "pages", "samples", "new", "dup", "buckets", "lag"):
+        assert header in text
+    assert "node-a" in text
+    assert "failed" in text
+    assert "boom" in text
