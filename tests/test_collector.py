@@ -455,3 +455,25 @@ def test_collect_table_renders_every_column() -> None:
     assert "node-a" in text
     assert "failed" in text
     assert "boom" in text
+
+
+@respx.mock
+def test_a_rejected_item_of_another_node_is_an_identity_failure(store: Store) -> None:
+    foreign = item(1, 200, node="node-b")
+    foreign["collected_at"] = "yesterday"  # invalid: the item becomes rejections
+    respx.get(WINDOW).mock(side_effect=[page([item(0, 100), foreign])])
+    out = pull(store, [PullTask(Src(), since_ns=T0, until_ns=T0 + 5 * NS_PER_MINUTE)])
+    assert out["node-a"].status == "failed"
+    assert "rejected item" in (out["node-a"].error or "")
+    assert out["node-a"].report.new_observations == 0
+
+
+@respx.mock
+def test_a_rejected_sample_of_this_node_is_recorded_and_the_rest_applied(store: Store) -> None:
+    good = item(1, 200)
+    good["samples"].append(dict(good["samples"][0], uuid="u2", uplink_bytes_total="12"))
+    respx.get(WINDOW).mock(side_effect=[page([item(0, 100), good])])
+    out = pull(store, [PullTask(Src(), since_ns=T0, until_ns=T0 + 5 * NS_PER_MINUTE)])
+    assert out["node-a"].status == "ok", out["node-a"].error
+    assert out["node-a"].report.rejected == 1
+    assert out["node-a"].report.new_observations == 2

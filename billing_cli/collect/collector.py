@@ -245,6 +245,10 @@ def iter_source_batches(
                     "and the checkpoint did not move",
                 )
             _check_items(source, page.items, where)
+            for r in page.rejections:
+                # A rejected item still names its node: another node's item is foreign too.
+                if not _rejection_ok(source, r):
+                    _check_identity(source, r.node_id, r.env, f"{where} rejected item")
             if page.has_more:
                 if not page.next_cursor:
                     raise ProtocolError(source.source_id, f"{where}: has_more without next_cursor")
