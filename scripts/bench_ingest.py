@@ -206,11 +206,21 @@ def main() -> None:
     p.add_argument("--no-sqlite", action="store_true")
     p.add_argument("--postgres", default=None, help="PostgreSQL URL (a fresh schema is used)")
     p.add_argument("--parse", action="store_true", help="also measure NDJSON parse + apply")
+    p.add_argument(
+        "--included-bytes",
+        type=int,
+        default=0,
+        help="included quota per uuid per month (> 0 exercises quota re-rating)",
+    )
     a = p.parse_args()
+    global PRICING
+    if a.included_bytes:
+        PRICING = PRICING.model_copy(update={"included_bytes_default": a.included_bytes})
     print(
         f"# {a.samples:,} samples, {a.series} series, active {a.active:.0%},"
         f" {a.restarts} restarts, ~{a.page_samples} samples per page,"
-        f" {'full' if a.full_items else 'active-only'} items"
+        f" {'full' if a.full_items else 'active-only'} items,"
+        f" included quota {a.included_bytes} B/uuid"
     )
     with tempfile.TemporaryDirectory() as tmp:
         if not a.no_sqlite:

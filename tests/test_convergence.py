@@ -170,6 +170,18 @@ def check(fleet: Fleet, rnd: random.Random, pricing: Pricing, make: Any) -> None
         for r in rows:
             assert (int(r[2]), int(r[3])) == (int(r[5]), int(r[6]))
             assert int(r[4]) == int(r[7]) == int(r[8]) + 1
+        # The per-uuid period sums (quota state) equal the sums of the buckets.
+        sums = db.execute(
+            "SELECT s.uuid, SUM(b.uplink_bytes), SUM(b.downlink_bytes), MAX(b.bucket_start_ns)"
+            " FROM buckets b JOIN series s ON s.series_id = b.series_id GROUP BY s.uuid"
+        )
+        kept = db.execute(
+            "SELECT uuid, uplink_bytes, downlink_bytes, last_bucket_start_ns"
+            " FROM uuid_period_usage WHERE uplink_bytes <> 0 OR downlink_bytes <> 0"
+        )
+        assert sorted((u, int(a), int(b)) for u, a, b, _ in sums if a or b) == sorted(
+            (u, int(a), int(b)) for u, a, b, _ in kept
+        )
         orphan = db.execute(
             "SELECT count(*) FROM ledger_postings l WHERE NOT EXISTS (SELECT 1 FROM buckets b"
             " WHERE b.series_id = l.series_id AND b.bucket_start_ns = l.bucket_start_ns)"
@@ -210,7 +222,8 @@ def test_converges_with_included_quota_sqlite(fleet: Fleet, rnd: random.Random) 
 
 PG_URL = os.environ.get("BILLING_TEST_POSTGRES_URL")
 TABLES = (
-    "series, observations, buckets, ledger_postings, source_checkpoints, runs, run_sources,"
+    "series, observations, buckets, uuid_period_usage, ledger_postings, source_checkpoints, runs,"
+    " run_sources,"
     " integrity_events"
 )
 

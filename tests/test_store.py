@@ -30,6 +30,7 @@ TABLES = [
     "series",
     "observations",
     "buckets",
+    "uuid_period_usage",
     "ledger_postings",
     "source_checkpoints",
     "runs",

@@ -90,6 +90,11 @@ class Dialect(ABC):
         """Append rows to a table (executemany / COPY)."""
 
     @abstractmethod
+    def add_uuid_usage(self, rows: Sequence[Row]) -> None:
+        """Rows: (uuid, period_start_ns, d_uplink, d_downlink, bucket_start_ns): add the
+        byte deltas to ``uuid_period_usage`` and raise its latest bucket start."""
+
+    @abstractmethod
     def update_buckets(self, rows: Sequence[Row]) -> None:
         """Rows: (uplink, downlink, rated, amount, revision, series_id, bucket_start_ns)."""
 
@@ -168,6 +173,14 @@ _LEDGER_COLS = (
     "pricing_rule_version",
     "run_id",
     "created_at_ns",
+)
+_ADD_UUID_USAGE = (
+    "INSERT INTO uuid_period_usage AS t (uuid, period_start_ns, uplink_bytes, downlink_bytes,"
+    " last_bucket_start_ns) VALUES (?,?,?,?,?) ON CONFLICT (uuid, period_start_ns) DO UPDATE SET"
+    " uplink_bytes = t.uplink_bytes + excluded.uplink_bytes,"
+    " downlink_bytes = t.downlink_bytes + excluded.downlink_bytes,"
+    " last_bucket_start_ns = CASE WHEN excluded.last_bucket_start_ns > t.last_bucket_start_ns"
+    " THEN excluded.last_bucket_start_ns ELSE t.last_bucket_start_ns END"
 )
 _EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
@@ -715,8 +728,9 @@ class SqlStore:
                 )
             buckets.append(b)
 
-        # 5. Re-rate and post.
+        # 5. Re-rate and post (quota state read before this batch's sums are added).
         postings, rerated = self._rate(batch.pricing, buckets, report)
+        self._add_uuid_usage(batch.pricing, buckets)
         ledger_rows = [
             (
                 b.series_id,
@@ -817,9 +831,11 @@ class SqlStore:
         report.adjustment_amount_nano += adjustment_amount
         report.charged_amount_nano += charged
         rerated: list[_Bucket] = []
+        states = self._load_quota_state(list(quota_groups))
         for (uuid, ps), group in quota_groups.items():
             in_batch = {id(b) for b in group}
-            for b, new in self._rate_quota_tail(pricing, uuid, ps, group):
+            state = states.get((uuid, ps))
+            for b, new in self._rate_quota_tail(pricing, uuid, ps, group, state):
                 self._post(b, new, out, report)
                 if b.rating_dirty and id(b) not in in_batch:
                     rerated.append(b)
@@ -846,8 +862,49 @@ class SqlStore:
             report.adjustments += 1
             report.adjustment_amount_nano += p.amount_nano
 
+    def _add_uuid_usage(self, pricing: Pricing, buckets: list[_Bucket]) -> None:
+        """Keep ``uuid_period_usage`` equal to the sums of the buckets (all uuids, so a
+        quota introduced later finds correct sums)."""
+        periods: dict[int, int] = {}
+        acc: dict[tuple[str, int], list[int]] = {}
+        for b in buckets:
+            ps = periods.get(b.start)
+            if ps is None:
+                ps = periods[b.start] = rating.period_start_ns(b.start, pricing)
+            slot = acc.get((b.key.uuid, ps))
+            if slot is None:
+                acc[(b.key.uuid, ps)] = [
+                    b.uplink - b.old_uplink,
+                    b.downlink - b.old_downlink,
+                    b.start,
+                ]
+            else:
+                slot[0] += b.uplink - b.old_uplink
+                slot[1] += b.downlink - b.old_downlink
+                slot[2] = max(slot[2], b.start)
+        if acc:
+            self.db.add_uuid_usage(
+                [(u, ps, du, dd, last) for (u, ps), (du, dd, last) in acc.items()]
+            )
+
+    def _load_quota_state(self, groups: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Row]:
+        if not groups:
+            return {}
+        sql = (
+            "SELECT u.uuid, u.period_start_ns, u.uplink_bytes, u.downlink_bytes,"
+            " u.last_bucket_start_ns FROM k JOIN uuid_period_usage u"
+            " ON u.uuid = k.uuid AND u.period_start_ns = k.ps"
+        )
+        cols: list[KeyCol] = [("uuid", "text"), ("ps", "bigint")]
+        return {(r[0], int(r[1])): r for r in self._keyset_query(sql, "k", cols, list(groups))}
+
     def _rate_quota_tail(
-        self, pricing: Pricing, uuid: str, period_start: int, changed: list[_Bucket]
+        self,
+        pricing: Pricing,
+        uuid: str,
+        period_start: int,
+        changed: list[_Bucket],
+        state: Row | None,
     ) -> list[tuple[_Bucket, rating.Rating]]:
         """Ratings for one uuid's buckets in one period from the earliest changed bucket on.
 
@@ -857,6 +914,20 @@ class SqlStore:
         charged bytes before the tail come from one SUM query.
         """
         first = min(changed, key=lambda b: (b.start, b.key))
+        if state is None or int(state[4]) < first.start:
+            # Appended after every stored bucket of the uuid in the period (the normal
+            # in-order page): consumption so far is the stored sums, there is no tail.
+            consumed = (
+                0 if state is None else rating.charged_bytes(pricing, int(state[2]), int(state[3]))
+            )
+            appended = sorted(changed, key=lambda b: (b.start, b.key))
+            ratings = rating.rate_sequence(
+                pricing,
+                uuid,
+                [rating.BucketForRating(b.key, b.start, b.uplink, b.downlink) for b in appended],
+                consumed,
+            )
+            return list(zip(appended, ratings, strict=True))
         end = _period_end_ns(period_start, pricing)
         sums = self.db.execute(
             "SELECT COALESCE(SUM(b.uplink_bytes), 0), COALESCE(SUM(b.downlink_bytes), 0)"

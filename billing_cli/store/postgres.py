@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from billing_cli.store._common import Dialect, KeyCol, Row, SqlStore
+from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, SqlStore
 
 
 class PostgresDialect(Dialect):
@@ -87,6 +87,17 @@ class PostgresDialect(Dialect):
             write = copy.write_row
             for r in rows:
                 write(r)
+
+    def add_uuid_usage(self, rows: Sequence[Row]) -> None:
+        u, ps, du, dd, last = (list(c) for c in zip(*rows, strict=True))
+        self.execute(
+            _ADD_UUID_USAGE.replace(
+                "VALUES (?,?,?,?,?)",
+                "SELECT * FROM unnest(?::text[], ?::bigint[], ?::bigint[], ?::bigint[],"
+                " ?::bigint[])",
+            ),
+            (u, ps, du, dd, last),
+        )
 
     def update_buckets(self, rows: Sequence[Row]) -> None:
         up, down, rated, amount, rev, sid, start = (list(c) for c in zip(*rows, strict=True))

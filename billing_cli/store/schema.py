@@ -5,6 +5,9 @@ joins); the contract names of DESIGN §6 that downstream readers query
 (``counter_observations``, ``usage_minute_buckets``, ``billing_ledger``) are VIEWs exposing
 the series key columns and RFC3339 times. ``source_checkpoints``, ``runs`` and
 ``integrity_events`` are physical tables under their contract names.
+``uuid_period_usage`` is derived state for included quotas: per uuid and billing period,
+the byte sums of its buckets and the latest bucket start, so rating a bucket appended
+after all others needs no scan of the period.
 
 Migrations are a list of steps; ``schema_version`` records the applied version. A
 database whose version is newer than :data:`SCHEMA_VERSION` is refused (StoreError).
@@ -63,6 +66,14 @@ CREATE TABLE buckets (
     amount_nano {BIGINT} NOT NULL DEFAULT 0,
     revision {BIGINT} NOT NULL DEFAULT 0,
     PRIMARY KEY (series_id, bucket_start_ns)
+){WR};
+CREATE TABLE uuid_period_usage (
+    uuid TEXT NOT NULL,
+    period_start_ns {BIGINT} NOT NULL,
+    uplink_bytes {BIGINT} NOT NULL,
+    downlink_bytes {BIGINT} NOT NULL,
+    last_bucket_start_ns {BIGINT} NOT NULL,
+    PRIMARY KEY (uuid, period_start_ns)
 ){WR};
 CREATE TABLE ledger_postings (
     entry_id {ID},

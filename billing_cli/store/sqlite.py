@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import sqlite_utils
 
-from billing_cli.store._common import Dialect, KeyCol, Row, SqlStore
+from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, SqlStore
 
 # SQLite's default limit of host parameters per statement is 32766.
 _MAX_PARAMS = 30000
@@ -106,6 +106,9 @@ class SQLiteDialect(Dialect):
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         marks = ",".join("?" * len(cols))
         self.conn.executemany(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})", rows)
+
+    def add_uuid_usage(self, rows: Sequence[Row]) -> None:
+        self.conn.executemany(_ADD_UUID_USAGE, rows)
 
     def update_buckets(self, rows: Sequence[Row]) -> None:
         self.conn.executemany(
