@@ -39,7 +39,7 @@ class SQLiteDialect(Dialect):
         conn.execute("PRAGMA synchronous = NORMAL")
         # Pages of one apply touch the b-tree leaves of every active series; a 64 MiB page
         # cache (default 2 MiB) keeps them resident instead of re-reading them per page.
-        conn.execute("PRAGMA cache_size = -131072")
+        conn.execute("PRAGMA cache_size = -65536")
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA wal_autocheckpoint = 16384")
         # The version table is created through sqlite-utils; migrations then run as
