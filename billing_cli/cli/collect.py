@@ -25,6 +25,7 @@ import orjson
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from billing_cli._errors import ExitCode, UsageError
 from billing_cli._time import (
@@ -477,6 +478,6 @@ def collect_table(
             fmt(r.buckets_changed),
             fmt(r.postings),
             format_duration(lag) if lag is not None else "-",
-            o.error or o.note or "",
+            Text(o.error or o.note or ""),  # not markup: messages may contain brackets
         )
     return table

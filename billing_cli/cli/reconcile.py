@@ -360,9 +360,15 @@ def _emit(
     app.out.print(table)
     for s in doc["sources"]:
         for hole in s["completeness"]["holes"][:20]:
-            app.out.print(f"  {s['source_id']}: no items in [{hole['start']}, {hole['end']})")
+            app.out.print(
+                f"  {s['source_id']}: no items in [{hole['start']}, {hole['end']})",
+                markup=False,
+                highlight=False,
+            )
     for s in doc["sources"]:
         if s["error"] or s["note"]:
-            app.out.print(f"  {s['source_id']}: {s['error'] or s['note']}")
+            app.out.print(
+                f"  {s['source_id']}: {s['error'] or s['note']}", markup=False, highlight=False
+            )
     for note in doc["notes"]:
-        app.out.print(f"  note: {note}")
+        app.out.print(f"  note: {note}", markup=False, highlight=False)
