@@ -868,20 +868,19 @@ class SqlStore:
         periods: dict[int, int] = {}
         acc: dict[tuple[str, int], list[int]] = {}
         for b in buckets:
-            ps = periods.get(b.start)
+            start = b.start
+            ps = periods.get(start)
             if ps is None:
-                ps = periods[b.start] = rating.period_start_ns(b.start, pricing)
-            slot = acc.get((b.key.uuid, ps))
+                ps = periods[start] = rating.period_start_ns(start, pricing)
+            k = (b.key.uuid, ps)
+            slot = acc.get(k)
             if slot is None:
-                acc[(b.key.uuid, ps)] = [
-                    b.uplink - b.old_uplink,
-                    b.downlink - b.old_downlink,
-                    b.start,
-                ]
+                acc[k] = [b.uplink - b.old_uplink, b.downlink - b.old_downlink, start]
             else:
                 slot[0] += b.uplink - b.old_uplink
                 slot[1] += b.downlink - b.old_downlink
-                slot[2] = max(slot[2], b.start)
+                if start > slot[2]:
+                    slot[2] = start
         if acc:
             self.db.add_uuid_usage(
                 [(u, ps, du, dd, last) for (u, ps), (du, dd, last) in acc.items()]
