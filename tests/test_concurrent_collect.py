@@ -104,3 +104,74 @@ def test_two_processes_on_one_postgres_database(
     sim = sim_fleet(nodes=NODES, series=20, minutes=20, end_ns=fleet_end_ns(), bearer=True)
     results = _run_two(sim, postgres_url, tmp_path)
     _check(sim, postgres_url, results)
+
+
+@pytest.mark.slow
+def test_killed_collect_leaves_a_consistent_store_and_no_stale_lock(
+    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """SIGKILL a collect in the middle of its pages; the next run gives exact totals."""
+    import signal
+
+    from billing_cli.store import open_store
+
+    sim = sim_fleet(nodes=2, series=10, minutes=100, end_ns=fleet_end_ns())
+    registry = sim.dir / "sources.toml"
+    registry.write_text("[defaults]\npage_limit = 3\n\n" + sim.registry_toml + DEFAULT_PRICING)
+    for node in sim.fleet.nodes.values():
+        node.set_fault("slow", delay_s=0.1)  # ~35 pages per node: plenty of time to kill
+    db = str(tmp_path / "billing.db")
+    args = [
+        sys.executable,
+        "-m",
+        "billing_cli",
+        "--registry",
+        str(registry),
+        "--db",
+        db,
+        "collect",
+        "--since",
+        "3h",
+        "--json",
+    ]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if Path(db).exists() and store_usage(db):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+
+    partial = {n: store_usage(db, n) for n in sim.fleet.nodes}
+    assert any(partial.values()), "the kill came too late to test anything"
+    store = open_store(db)
+    try:
+        for cp in store.list_checkpoints():
+            # Whatever the checkpoint claims is covered must really be in the store.
+            if cp.last_successful_until_ns is not None:
+                node = sim.fleet.node(cp.source_id)
+                covered = [t for t in node.collected_ats() if t < cp.last_successful_until_ns]
+                assert store_usage(db, cp.source_id) == expected_usage(
+                    node, covered[0], covered[-1]
+                )
+    finally:
+        store.close()
+
+    for node in sim.fleet.nodes.values():
+        node.clear_faults()
+    out = subprocess.run(
+        [*args[:-3], "--source", "node-01", "--source", "node-02", "--since", "3h", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr.decode()  # not 75: the kernel dropped the locks
+    doc = orjson.loads(out.stdout)
+    assert [s["status"] for s in doc["sources"]] == ["ok", "ok"]
+    for node_id, node in sim.fleet.nodes.items():
+        ats = node.collected_ats()
+        assert store_usage(db, node_id) == expected_usage(node, ats[0], ats[-1])
