@@ -159,7 +159,8 @@ def run_parse(label: str, url: str, a: argparse.Namespace) -> None:
     store.close()
     os.unlink(path)
     print(
-        f"{label} parse+apply: {n:,} samples in {took:.2f} s ({n / took:,.0f} samples/s);"
+        f"{label} NDJSON parse+apply (active-only items, as make_snapshots writes them):"
+        f" {n:,} samples in {took:.2f} s ({n / took:,.0f} samples/s);"
         f" peak RSS {rss_mb():.0f} MB"
     )
 
