@@ -29,7 +29,7 @@ _HOUR = re.compile(r"([01]\d|2[0-4]):([0-5]\d)")
 
 
 def _to_decimal(value: Any) -> Decimal:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         raise ValueError(f'write decimals as strings, e.g. "{value}" (floats are inexact)')
     if isinstance(value, int):
         return Decimal(value)
@@ -71,7 +71,9 @@ class PeakWindow(BaseModel):
         try:
             ZoneInfo(v)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (use an IANA name, e.g. Asia/Tokyo)") from None
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name, e.g. Asia/Tokyo)"
+            ) from None
         return v
 
     @field_validator("start", "end")

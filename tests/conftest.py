@@ -38,7 +38,7 @@ class CliResult:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunnerFn]:
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunnerFn:
     """Run ``billing ARGS`` in-process through the real error mapping of ``run()``.
 
     Runs in ``tmp_path`` with a clean environment for the variables billing reads.
@@ -53,7 +53,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunnerFn
     ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    yield CliRunnerFn()
+    return CliRunnerFn()
 
 
 class CliRunnerFn:

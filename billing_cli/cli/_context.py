@@ -43,7 +43,12 @@ class AppContext:
 
 
 def resolve_db_url(flag: str | None) -> str:
-    return flag or os.environ.get("BILLING_DATABASE_URL") or os.environ.get("DATABASE_URL") or DEFAULT_DB
+    return (
+        flag
+        or os.environ.get("BILLING_DATABASE_URL")
+        or os.environ.get("DATABASE_URL")
+        or DEFAULT_DB
+    )
 
 
 def get_context(ctx: typer.Context) -> AppContext:

@@ -38,6 +38,7 @@ from billing_cli._time import (
     parse_time_arg,
 )
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._runlog import log_outcomes
 from billing_cli.collect.collector import (
     PullSettings,
     PullTask,
@@ -423,6 +424,8 @@ def _report(
         }
         typer.echo(orjson.dumps(doc).decode())
         return
+    if log_outcomes(app, "collect", run_id, outcomes) and not app.interactive:
+        return  # --log-format json: the log records are the report
     failed = [o for o in outcomes if o.status == "failed"]
     if app.quiet:
         for o in failed:

@@ -28,6 +28,7 @@ from rich.table import Table
 from billing_cli._errors import UsageError
 from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._runlog import log_outcomes
 from billing_cli.cli.collect import (
     Locks,
     ProgressHooks,
@@ -334,6 +335,8 @@ def _emit(
     if json_out:
         typer.echo(orjson.dumps(doc).decode())
         return
+    if log_outcomes(app, "reconcile", doc.get("run_id"), outcomes) and not app.interactive:
+        return  # --log-format json: the log records are the report
     if app.quiet:
         for o in outcomes:
             if o.status == "failed":
