@@ -85,6 +85,7 @@ def floor(args: argparse.Namespace) -> int:
     from billing_cli.collect.collector import PullSettings, PullTask, iter_source_batches
     from billing_cli.collect.transport import SourceClient, build_transport_config
     from billing_cli.registry.load import load_registry
+    from billing_cli.registry.model import SourceConfig
 
     registry = load_registry(Path(args.registry), explicit=True)
     d = registry.defaults
@@ -93,12 +94,12 @@ def floor(args: argparse.Namespace) -> int:
     samples = 0
     lock = threading.Lock()
 
-    def one(src: object) -> None:
+    def one(src: SourceConfig) -> None:
         # The collector's own pull loop (same chunks, adaptive page sizes, same checks),
         # minus the store: exactly the pages collect downloads and parses.
         nonlocal samples
-        cfg = build_transport_config(src, d, budget_s=3600)  # type: ignore[arg-type]
-        task = PullTask(src, since_ns=since, until_ns=until)  # type: ignore[arg-type]
+        cfg = build_transport_config(src, budget_s=3600)
+        task = PullTask(src, since_ns=since, until_ns=until)
         settings = PullSettings(chunk_s=d.chunk_s, page_limit=d.page_limit, budget_s=3600)
         n = 0
         with SourceClient(cfg) as client:

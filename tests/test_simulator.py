@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import orjson
@@ -18,6 +17,7 @@ from simfleet import SimFleet, sim_fleet
 from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.collect.transport import SourceClient, build_transport_config
 from billing_cli.registry.load import parse_registry_text
+from billing_cli.registry.model import SourceConfig
 from billing_cli.simulator import Fleet, SimNode, format_cursor
 from billing_cli.wire import parse_window_page
 
@@ -26,17 +26,9 @@ __all__ = ["sim_fleet"]
 NODE = "node-01"
 
 
-def as_source(table: dict[str, object]) -> SimpleNamespace:
-    """A registry ``[[sources]]`` table as the attribute object the transport reads."""
-    base: dict[str, object] = {
-        "credential_ref": None,
-        "client_cert_ref": None,
-        "client_key_ref": None,
-        "ca_bundle_ref": None,
-        "server_name": None,
-        "request_timeout_s": 5.0,
-    }
-    return SimpleNamespace(**{**base, **table})
+def as_source(table: dict[str, object]) -> SourceConfig:
+    """A registry ``[[sources]]`` table as the validated entry the transport reads."""
+    return SourceConfig.model_validate({"request_timeout": "5s", **table})
 
 
 def window(

@@ -11,7 +11,6 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -35,6 +34,7 @@ from billing_cli.collect.transport import (
     build_transport_config,
     parse_retry_after,
 )
+from billing_cli.registry.model import SourceConfig
 
 TOKEN = "tok-3f9c2e7d-very-secret"
 BASE = "https://exporter.example:9550"
@@ -366,21 +366,19 @@ def test_parse_retry_after() -> None:
 # --- building the config from a source ----------------------------------------------------
 
 
-def _source(**kw: Any) -> SimpleNamespace:
+def _source(**kw: Any) -> SourceConfig:
+    # A standalone registry entry: its [defaults] are the built-in ones (no CA bundle).
     base: dict[str, Any] = {
         "source_id": "jp-1",
+        "node_id": "jp-1",
+        "env": "prod",
         "base_url": "https://127.0.0.1:9550/",
         "auth_mode": "bearer",
         "credential_ref": "env:SIM_TOKEN",
-        "client_cert_ref": None,
-        "client_key_ref": None,
-        "ca_bundle_ref": None,
-        "server_name": None,
-        "request_timeout_s": 7.0,
-        "max_response_bytes": None,
+        "request_timeout": "7s",
     }
     base.update(kw)
-    return SimpleNamespace(**base)
+    return SourceConfig(**base)
 
 
 def test_build_config_resolves_refs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

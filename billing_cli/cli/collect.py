@@ -47,6 +47,7 @@ from billing_cli.collect.collector import (
     transport_client_factory,
 )
 from billing_cli.collect.locks import Locker, SourceLock, locker_for
+from billing_cli.registry.model import SourceConfig
 from billing_cli.store.base import Checkpoint, SourceRunResult, Store
 
 HELP = """\
@@ -305,7 +306,7 @@ def collect_command(
             if not due:
                 _emit_nothing(app, json_out, "no source is due", not_due=not_due)
                 return int(ExitCode.OK)
-        tasks: list[PullTask] = []
+        tasks: list[PullTask[SourceConfig]] = []
         overlap_ns = int(defaults.overlap_s * NS_PER_SECOND)
         lookback_ns = int(defaults.initial_lookback_s * NS_PER_SECOND)
         for sid in got:
@@ -333,7 +334,7 @@ def collect_command(
                 run_sources(
                     store,
                     tasks,
-                    transport_client_factory(defaults, budget_s),
+                    transport_client_factory(budget_s),
                     pricing=registry.pricing,
                     run_id=run_id,
                     settings=settings,

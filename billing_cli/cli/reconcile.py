@@ -49,7 +49,9 @@ from billing_cli.collect.collector import (
 )
 from billing_cli.collect.locks import locker_for
 from billing_cli.core.money import format_amount
-from billing_cli.store.base import BucketChange
+from billing_cli.pricing import Pricing
+from billing_cli.registry.model import SourceConfig
+from billing_cli.store.base import BucketChange, Store
 
 HELP = """\
 Re-pull a time range of one or more sources and repair what collect missed.
@@ -172,8 +174,7 @@ def reconcile_command(
                     results = _run(
                         store,
                         tasks,
-                        registry,
-                        defaults,
+                        registry.pricing,
                         budget_s,
                         run_id,
                         settings,
@@ -182,7 +183,7 @@ def reconcile_command(
                     )
             else:
                 results = _run(
-                    store, tasks, registry, defaults, budget_s, run_id, settings, concurrency, hooks
+                    store, tasks, registry.pricing, budget_s, run_id, settings, concurrency, hooks
                 )
         finally:
             if progress is not None:
@@ -208,10 +209,9 @@ def reconcile_command(
 
 
 def _run(
-    store: Any,
-    tasks: list[PullTask],
-    registry: Any,
-    defaults: Any,
+    store: Store,
+    tasks: list[PullTask[SourceConfig]],
+    pricing: Pricing,
     budget_s: float,
     run_id: int,
     settings: PullSettings,
@@ -221,8 +221,8 @@ def _run(
     return run_sources(
         store,
         tasks,
-        transport_client_factory(defaults, budget_s),
-        pricing=registry.pricing,
+        transport_client_factory(budget_s),
+        pricing=pricing,
         run_id=run_id,
         settings=settings,
         concurrency=concurrency,

@@ -23,7 +23,6 @@ Each source also has a time budget checked between pages; the transport's own
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -31,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
 from billing_cli._errors import (
     BillingError,
@@ -44,6 +43,9 @@ from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
 from billing_cli.store.base import ApplyReport, Batch, CheckpointAdvance, Store
 from billing_cli.wire import WireFormatError, parse_latest, parse_window_page
+
+if TYPE_CHECKING:
+    from billing_cli.registry.model import SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +83,14 @@ class ExporterClient(Protocol):
     def get_latest(self) -> bytes: ...
 
 
-ClientFactory = Callable[[SourceLike], AbstractContextManager[ExporterClient]]
+# The pull loop only reads ``SourceLike`` fields; the client factory gets the task's own
+# source type (a registry ``SourceConfig`` in production, a small fake in tests).
+S = TypeVar("S", bound=SourceLike)
+ClientFactory = Callable[[S], AbstractContextManager[ExporterClient]]
 
 
 @dataclass(frozen=True)
-class PullTask:
+class PullTask(Generic[S]):
     """Pull ``[since_ns, until_ns)`` of one source.
 
     ``advance_checkpoint`` is True for ``collect`` (cursor on every page,
@@ -93,7 +98,7 @@ class PullTask:
     which re-reads history and never touches the checkpoint.
     """
 
-    source: SourceLike
+    source: S
     since_ns: int
     until_ns: int
     advance_checkpoint: bool = True
@@ -191,7 +196,7 @@ def _check_items(source: SourceLike, items: list[Item], where: str) -> None:
 
 
 def iter_source_batches(
-    task: PullTask,
+    task: PullTask[S],
     client: ExporterClient,
     *,
     pricing: Pricing,
@@ -295,7 +300,7 @@ def iter_source_batches(
 
 
 def _iter_latest(
-    task: PullTask,
+    task: PullTask[S],
     client: ExporterClient,
     pricing: Pricing,
     run_id: int,
@@ -377,8 +382,8 @@ def _error_text(exc: BaseException) -> str:
 
 def run_sources(
     store: Store,
-    tasks: list[PullTask],
-    make_client: ClientFactory,
+    tasks: list[PullTask[S]],
+    make_client: ClientFactory[S],
     *,
     pricing: Pricing,
     run_id: int,
@@ -411,7 +416,7 @@ def run_sources(
             except queue.Full:
                 continue
 
-    def work(task: PullTask, outcome: SourceOutcome) -> None:
+    def work(task: PullTask[S], outcome: SourceOutcome) -> None:
         sid = task.source.source_id
         # The budget and last_attempted_at count from when the pull really starts, not
         # from when it was queued behind the concurrency bound.
@@ -460,9 +465,9 @@ def run_sources(
 
 def _write_loop(
     store: Store,
-    tasks: list[PullTask],
+    tasks: list[PullTask[S]],
     pool: ThreadPoolExecutor,
-    work: Callable[[PullTask, SourceOutcome], None],
+    work: Callable[[PullTask[S], SourceOutcome], None],
     inbox: queue.Queue[_Msg],
     outcomes: dict[str, SourceOutcome],
     hooks: RunHooks,
@@ -543,7 +548,7 @@ def _fail(
         abandoned.add(outcome.source_id)
 
 
-def _record(store: Store, outcome: SourceOutcome, task: PullTask) -> None:
+def _record(store: Store, outcome: SourceOutcome, task: PullTask[S]) -> None:
     src = task.source
     try:
         if outcome.status == "failed":
@@ -560,27 +565,16 @@ def _record(store: Store, outcome: SourceOutcome, task: PullTask) -> None:
 # --- glue to the real transport --------------------------------------------------------
 
 
-def transport_client_factory(defaults: object, budget_s: float) -> ClientFactory:
+def transport_client_factory(budget_s: float) -> ClientFactory[SourceConfig]:
     """Build one HTTPS ``SourceClient`` per source from its registry entry.
 
     Credential refs are resolved inside the worker, so a source with a broken ref fails
-    alone (with a one-line message naming the ref) instead of stopping the run.
+    alone (with a one-line message naming the ref) instead of stopping the run. Timeout,
+    size cap, CA bundle and retry attempts come from the source's resolved values.
     """
     from billing_cli.collect.transport import SourceClient, build_transport_config
 
-    retry_attempts = int(getattr(defaults, "retry_attempts", 3))
-
-    def make(source: SourceLike) -> AbstractContextManager[ExporterClient]:
-        config = build_transport_config(
-            source,  # type: ignore[arg-type]  # a registry SourceConfig
-            defaults,
-            budget_s=budget_s,
-            retry_attempts=retry_attempts,
-        )
-        # The registry resolves [defaults].max_response_bytes for the source.
-        cap = getattr(source, "effective_max_response_bytes", None)
-        if isinstance(cap, int) and cap != config.max_response_bytes:
-            config = dataclasses.replace(config, max_response_bytes=cap)
-        return SourceClient(config)
+    def make(source: SourceConfig) -> AbstractContextManager[ExporterClient]:
+        return SourceClient(build_transport_config(source, budget_s=budget_s))
 
     return make

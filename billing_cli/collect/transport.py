@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import httpx
@@ -58,6 +58,7 @@ from billing_cli.collect._tls import (
     tls_reason,
 )
 from billing_cli.registry import credentials
+from billing_cli.registry.model import SourceConfig
 
 log = logging.getLogger("billing_cli.collect.transport")
 
@@ -71,29 +72,6 @@ _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # Backoff between attempts: exponential with full jitter, 0.5 s base, 10 s ceiling.
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
-
-
-class SourceLike(Protocol):
-    """The fields of the registry's ``SourceConfig`` the transport needs."""
-
-    @property
-    def source_id(self) -> str: ...
-    @property
-    def base_url(self) -> Any: ...
-    @property
-    def auth_mode(self) -> str: ...
-    @property
-    def credential_ref(self) -> str | None: ...
-    @property
-    def client_cert_ref(self) -> str | None: ...
-    @property
-    def client_key_ref(self) -> str | None: ...
-    @property
-    def ca_bundle_ref(self) -> str | None: ...
-    @property
-    def server_name(self) -> str | None: ...
-    @property
-    def request_timeout_s(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -127,32 +105,20 @@ def default_budget_s(timeout_s: float, retry_attempts: int) -> float:
 
 
 def build_transport_config(
-    source: SourceLike,
-    defaults: object | None = None,
-    *,
-    budget_s: float | None = None,
-    retry_attempts: int | None = None,
+    source: SourceConfig, *, budget_s: float | None = None
 ) -> TransportConfig:
     """Resolve a source's refs into a ready ``TransportConfig``.
 
-    ``source`` is the registry's ``SourceConfig`` (its ``effective_*`` values, which
-    include ``[defaults]``, are used when present); ``defaults`` overrides
-    ``source.defaults``. Raises ``CredentialError`` (a ref cannot be resolved, or its
-    material is not valid PEM) or ``ConfigError``. Messages name the ref, never its value.
+    Timeout, CA bundle, size cap and retry attempts are the source's resolved values
+    (its own setting, else the registry's ``[defaults]``). Raises ``CredentialError`` (a
+    ref cannot be resolved, or its material is not valid PEM) or ``ConfigError``.
+    Messages name the ref, never its value.
     """
     sid = source.source_id
-    dflt = defaults if defaults is not None else getattr(source, "defaults", None)
-    base_url = str(source.base_url).rstrip("/")
+    base_url = source.url
     auth = source.auth_mode
-    timeout = source.request_timeout_s or getattr(dflt, "request_timeout_s", None)
-    timeout_s = float(timeout) if timeout else DEFAULT_TIMEOUT_S
-    max_bytes = (
-        getattr(source, "effective_max_response_bytes", None)
-        or getattr(source, "max_response_bytes", None)
-        or getattr(dflt, "max_response_bytes", None)
-        or DEFAULT_MAX_RESPONSE_BYTES
-    )
-    attempts = retry_attempts or getattr(dflt, "retry_attempts", None) or DEFAULT_RETRY_ATTEMPTS
+    timeout_s = source.request_timeout_s
+    attempts = source.defaults.retry_attempts
 
     token: str | None = None
     if "bearer" in auth:
@@ -179,11 +145,7 @@ def build_transport_config(
                 cert=_pem_source(source.client_cert_ref, sid, "client_cert_ref"),
                 key=_pem_source(source.client_key_ref, sid, "client_key_ref"),
             )
-        ca_ref = (
-            getattr(source, "effective_ca_bundle_ref", None)
-            or source.ca_bundle_ref
-            or getattr(dflt, "ca_bundle_ref", None)
-        )
+        ca_ref = source.effective_ca_bundle_ref
         if not ca_ref:
             # The OS trust store is an explicit opt-in, never a silent fallback.
             raise ConfigError(
@@ -209,8 +171,8 @@ def build_transport_config(
         ssl_context=ctx,
         server_name=source.server_name or None,
         timeout_s=timeout_s,
-        max_response_bytes=int(max_bytes),
-        retry_attempts=int(attempts),
+        max_response_bytes=source.effective_max_response_bytes,
+        retry_attempts=attempts,
         budget_s=budget_s if budget_s is not None else default_budget_s(timeout_s, attempts),
     )
 
