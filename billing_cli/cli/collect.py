@@ -23,7 +23,6 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -35,20 +34,20 @@ from billing_cli._time import (
     format_rfc3339_ns,
     now_ns,
     parse_duration_seconds,
-    parse_time_arg,
 )
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._runlog import log_outcomes
-from billing_cli.collect.collector import (
-    PullSettings,
-    PullTask,
-    SourceOutcome,
-    run_sources,
-    transport_client_factory,
+from billing_cli.cli._pull import (
+    exit_code_for,
+    finish_run,
+    locked_outcomes,
+    parse_time_option,
+    pull,
+    run_outcome,
+    store_and_locks,
 )
-from billing_cli.collect.locks import Locker, SourceLock, locker_for
-from billing_cli.registry.model import SourceConfig
-from billing_cli.store.base import Checkpoint, SourceRunResult, Store
+from billing_cli.cli._runlog import log_outcomes
+from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
+from billing_cli.store.base import Checkpoint
 
 HELP = """\
 Pull every due source once and apply what it returns (what cron runs every minute).
@@ -88,13 +87,18 @@ def is_due(checkpoint: Checkpoint | None, interval_s: float, now: int) -> bool:
     return elapsed_s >= interval_s - slack
 
 
-def parse_time_option(value: str | None, flag: str, now: int) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_time_arg(value, now=now)
-    except TimeFormatError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
+def pull_start(
+    checkpoint: Checkpoint | None, since_ns: int | None, now: int, overlap_ns: int, lookback_ns: int
+) -> int:
+    """Where a source's pull starts: the checkpoint minus the overlap, else ``--since``,
+    else the initial lookback; never after ``now``."""
+    if checkpoint is not None and checkpoint.last_successful_until_ns is not None:
+        start = checkpoint.last_successful_until_ns - overlap_ns
+    elif since_ns is not None:
+        start = since_ns
+    else:
+        start = now - lookback_ns
+    return min(start, now)
 
 
 def parse_budget(value: str) -> float:
@@ -102,121 +106,6 @@ def parse_budget(value: str) -> float:
         return parse_duration_seconds(value)
     except TimeFormatError as exc:
         raise UsageError(f"--source-timeout: {exc}") from None
-
-
-def open_store_for(app: AppContext) -> Store:
-    from billing_cli.store import open_store
-
-    store: Store = open_store(app.db_url)
-    return store
-
-
-class Locks:
-    """The locks one run holds; each released as soon as its source is done."""
-
-    def __init__(self, locker: Locker) -> None:
-        self.locker = locker
-        self.held: dict[str, SourceLock] = {}
-
-    def acquire(self, source_ids: list[str]) -> tuple[list[str], list[str]]:
-        got: list[str] = []
-        skipped: list[str] = []
-        for sid in source_ids:
-            lock = self.locker.try_acquire(sid)
-            if lock is None:
-                skipped.append(sid)
-            else:
-                self.held[sid] = lock
-                got.append(sid)
-        return got, skipped
-
-    def release(self, source_id: str) -> None:
-        lock = self.held.pop(source_id, None)
-        if lock is not None:
-            lock.release()
-
-    def release_all(self) -> None:
-        for sid in list(self.held):
-            self.release(sid)
-        self.locker.close()
-
-
-class ProgressHooks:
-    """Progress on a terminal (stderr); lock release as each source finishes."""
-
-    def __init__(self, progress: Progress | None, locks: Locks, total: int) -> None:
-        self.progress = progress
-        self.locks = locks
-        self.task = progress.add_task("collect", total=total) if progress is not None else None
-        self.samples = 0
-
-    def on_page(self, outcome: SourceOutcome) -> None:
-        if self.progress is not None and self.task is not None:
-            self.progress.update(
-                self.task,
-                description=f"{outcome.source_id}: page {outcome.pages}, "
-                f"{outcome.report.samples:,} samples",
-            )
-
-    def on_finished(self, outcome: SourceOutcome) -> None:
-        # Only now is the source's last page committed: the next run may take it.
-        self.locks.release(outcome.source_id)
-        if self.progress is not None and self.task is not None:
-            self.progress.advance(self.task)
-
-
-def make_progress(app: AppContext, json_out: bool) -> Progress | None:
-    if not app.interactive or json_out:
-        return None
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=app.err,
-        transient=True,
-    )
-
-
-def run_result(run_id: int, kind: str, outcome: SourceOutcome) -> SourceRunResult:
-    return SourceRunResult(
-        run_id=run_id,
-        source_id=outcome.source_id,
-        kind=kind,  # type: ignore[arg-type]
-        started_at_ns=outcome.started_at_ns,
-        finished_at_ns=outcome.finished_at_ns,
-        outcome=outcome.status,
-        counts=outcome.counts(),
-        error=outcome.error,
-    )
-
-
-def skipped_outcome(source: Any, now: int, reason: str) -> SourceOutcome:
-    return SourceOutcome(
-        source_id=source.source_id,
-        node_id=source.node_id,
-        env=source.env,
-        status="skipped",
-        started_at_ns=now,
-        finished_at_ns=now,
-        note=reason,
-    )
-
-
-def exit_code_for(outcomes: list[SourceOutcome]) -> ExitCode:
-    if any(o.status == "failed" for o in outcomes):
-        return ExitCode.FAILED
-    if outcomes and all(o.status == "skipped" for o in outcomes):
-        return ExitCode.LOCKED
-    return ExitCode.OK
-
-
-def run_outcome(outcomes: list[SourceOutcome]) -> str:
-    if any(o.status == "failed" for o in outcomes):
-        return "failed"
-    if outcomes and all(o.status == "skipped" for o in outcomes):
-        return "skipped"
-    return "ok"
 
 
 def collect_command(
@@ -268,9 +157,7 @@ def collect_command(
         return int(ExitCode.OK)
 
     defaults = registry.defaults
-    store = open_store_for(app)
-    locks = Locks(locker_for(app.db_url))
-    try:
+    with store_and_locks(app) as (store, locks):
         checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
         if source:
             due = selected
@@ -306,58 +193,40 @@ def collect_command(
             if not due:
                 _emit_nothing(app, json_out, "no source is due", not_due=not_due)
                 return int(ExitCode.OK)
-        tasks: list[PullTask[SourceConfig]] = []
         overlap_ns = int(defaults.overlap_s * NS_PER_SECOND)
         lookback_ns = int(defaults.initial_lookback_s * NS_PER_SECOND)
-        for sid in got:
-            cp = checkpoints.get(sid)
-            if cp is not None and cp.last_successful_until_ns is not None:
-                start = cp.last_successful_until_ns - overlap_ns
-            elif since_ns is not None:
-                start = since_ns
-            else:
-                start = now - lookback_ns
-            tasks.append(PullTask(by_id[sid], since_ns=min(start, now), until_ns=now))
+        tasks = [
+            PullTask(
+                by_id[sid],
+                since_ns=pull_start(checkpoints.get(sid), since_ns, now, overlap_ns, lookback_ns),
+                until_ns=now,
+            )
+            for sid in got
+        ]
         run_id = store.start_run("collect", [s.source_id for s in due])
-        outcomes: dict[str, SourceOutcome] = {
-            sid: skipped_outcome(by_id[sid], now, "another run holds this source") for sid in locked
-        }
+        outcomes = locked_outcomes(by_id, locked, now)
         settings = PullSettings(
             chunk_s=defaults.chunk_s, page_limit=defaults.page_limit, budget_s=budget_s
         )
-        progress = make_progress(app, json_out)
-        hooks = ProgressHooks(progress, locks, len(tasks))
-        if progress is not None:
-            progress.start()
-        try:
-            outcomes.update(
-                run_sources(
-                    store,
-                    tasks,
-                    transport_client_factory(budget_s),
-                    pricing=registry.pricing,
-                    run_id=run_id,
-                    settings=settings,
-                    concurrency=concurrency,
-                    hooks=hooks,
-                )
+        outcomes.update(
+            pull(
+                app,
+                json_out,
+                store,
+                locks,
+                tasks,
+                pricing=registry.pricing,
+                run_id=run_id,
+                settings=settings,
+                concurrency=concurrency,
             )
-        finally:
-            if progress is not None:
-                progress.stop()
-        ordered = [outcomes[s.source_id] for s in due]
-        store.finish_run(
-            run_id,
-            run_outcome(ordered),
-            {o.source_id: run_result(run_id, "collect", o) for o in ordered},
         )
+        ordered = [outcomes[s.source_id] for s in due]
+        finish_run(store, run_id, "collect", ordered)
         after = {cp.source_id: cp for cp in store.list_checkpoints()}
         code = exit_code_for(ordered)
         _report(app, json_out, run_id, ordered, after, not_due, code)
         return int(code)
-    finally:
-        locks.release_all()
-        store.close()
 
 
 def lag_s(cp: Checkpoint | None, now: int) -> float | None:

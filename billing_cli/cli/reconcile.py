@@ -28,30 +28,19 @@ from rich.table import Table
 from billing_cli._errors import UsageError
 from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._runlog import log_outcomes
-from billing_cli.cli.collect import (
-    Locks,
-    ProgressHooks,
+from billing_cli.cli._pull import (
     exit_code_for,
-    make_progress,
-    open_store_for,
+    finish_run,
+    locked_outcomes,
     parse_time_option,
+    pull,
     run_outcome,
-    run_result,
-    skipped_outcome,
+    store_and_locks,
 )
-from billing_cli.collect.collector import (
-    PullSettings,
-    PullTask,
-    SourceOutcome,
-    run_sources,
-    transport_client_factory,
-)
-from billing_cli.collect.locks import locker_for
+from billing_cli.cli._runlog import log_outcomes
+from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
 from billing_cli.core.money import format_amount
-from billing_cli.pricing import Pricing
-from billing_cli.registry.model import SourceConfig
-from billing_cli.store.base import BucketChange, Store
+from billing_cli.store.base import BucketChange
 
 HELP = """\
 Re-pull a time range of one or more sources and repair what collect missed.
@@ -76,8 +65,8 @@ Examples:
   billing reconcile --all --since 24h --json | jq '.sources[].completeness'
 """
 
-MAX_LISTED_CHANGES = 1000
-RECONCILE_BUDGET_S = 24 * 3600.0  # --json lists at most this many bucket changes per source
+MAX_LISTED_CHANGES = 1000  # --json lists at most this many bucket changes per source
+RECONCILE_BUDGET_S = 24 * 3600.0
 
 
 def reconcile_command(
@@ -141,9 +130,7 @@ def reconcile_command(
         raise UsageError("no enabled window-API source to reconcile")
 
     defaults = registry.defaults
-    store = open_store_for(app)
-    locks = Locks(locker_for(app.db_url))
-    try:
+    with store_and_locks(app) as (store, locks):
         got, locked = locks.acquire([s.source_id for s in selected])
         by_id = {s.source_id: s for s in selected}
         tasks = [
@@ -154,48 +141,31 @@ def reconcile_command(
         run_id = 0 if dry_run else store.start_run("reconcile", [s.source_id for s in selected])
         # An operator-run repair of a known range: no per-run budget worth cutting it short
         # (each request is still bounded by request_timeout and the retry attempts).
-        budget_s = RECONCILE_BUDGET_S
         settings = PullSettings(
             chunk_s=defaults.chunk_s,
             page_limit=defaults.page_limit,
-            budget_s=budget_s,
+            budget_s=RECONCILE_BUDGET_S,
             collect_bucket_changes=True,
         )
-        outcomes: dict[str, SourceOutcome] = {
-            sid: skipped_outcome(by_id[sid], now, "another run holds this source") for sid in locked
-        }
-        progress = make_progress(app, json_out)
-        hooks = ProgressHooks(progress, locks, len(tasks))
-        if progress is not None:
-            progress.start()
-        try:
-            if dry_run:
-                with store.dry_run():
-                    results = _run(
-                        store,
-                        tasks,
-                        registry.pricing,
-                        budget_s,
-                        run_id,
-                        settings,
-                        concurrency,
-                        hooks,
-                    )
-            else:
-                results = _run(
-                    store, tasks, registry.pricing, budget_s, run_id, settings, concurrency, hooks
-                )
-        finally:
-            if progress is not None:
-                progress.stop()
-        outcomes.update(results)
+        outcomes = locked_outcomes(by_id, locked, now)
+        outcomes.update(
+            pull(
+                app,
+                json_out,
+                store,
+                locks,
+                tasks,
+                pricing=registry.pricing,
+                run_id=run_id,
+                settings=settings,
+                concurrency=concurrency,
+                record_checkpoints=False,
+                dry_run=dry_run,
+            )
+        )
         ordered = [outcomes[s.source_id] for s in selected]
         if not dry_run:
-            store.finish_run(
-                run_id,
-                run_outcome(ordered),
-                {o.source_id: run_result(run_id, "reconcile", o) for o in ordered},
-            )
+            finish_run(store, run_id, "reconcile", ordered)
         code = exit_code_for(ordered)
         doc = reconcile_report(
             ordered, since_ns, until_ns, dry_run=dry_run, run_id=run_id or None, notes=notes
@@ -203,32 +173,6 @@ def reconcile_command(
         doc["exit_code"] = int(code)
         _emit(app, json_out, doc, ordered)
         return int(code)
-    finally:
-        locks.release_all()
-        store.close()
-
-
-def _run(
-    store: Store,
-    tasks: list[PullTask[SourceConfig]],
-    pricing: Pricing,
-    budget_s: float,
-    run_id: int,
-    settings: PullSettings,
-    concurrency: int,
-    hooks: ProgressHooks,
-) -> dict[str, SourceOutcome]:
-    return run_sources(
-        store,
-        tasks,
-        transport_client_factory(budget_s),
-        pricing=pricing,
-        run_id=run_id,
-        settings=settings,
-        concurrency=concurrency,
-        hooks=hooks,
-        record_checkpoints=False,
-    )
 
 
 def missing_minutes(since_ns: int, until_ns: int, seen: set[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,219 @@
+"""What ``billing collect`` and ``billing reconcile`` share around the pull loop.
+
+Both commands open the store, take the per-source locks (a source another run holds is
+*skipped*, not failed), pull through :func:`billing_cli.collect.collector.run_sources` with
+a progress bar on a terminal, record the run, and map the outcomes to an exit code. The
+commands differ only in which range they pull and whether checkpoints move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from billing_cli._errors import ExitCode, UsageError
+from billing_cli._time import TimeFormatError, parse_time_arg
+from billing_cli.cli._context import AppContext
+from billing_cli.collect.collector import (
+    PullSettings,
+    PullTask,
+    SourceOutcome,
+    run_sources,
+    transport_client_factory,
+)
+from billing_cli.collect.locks import Locker, SourceLock, locker_for
+from billing_cli.pricing import Pricing
+from billing_cli.registry.model import SourceConfig
+from billing_cli.store.base import RunKind, SourceRunResult, Store
+
+LOCKED_NOTE = "another run holds this source"
+
+
+def parse_time_option(value: str | None, flag: str, now: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_time_arg(value, now=now)
+    except TimeFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+class Locks:
+    """The locks one run holds; each released as soon as its source is done."""
+
+    def __init__(self, locker: Locker) -> None:
+        self.locker = locker
+        self.held: dict[str, SourceLock] = {}
+
+    def acquire(self, source_ids: list[str]) -> tuple[list[str], list[str]]:
+        got: list[str] = []
+        skipped: list[str] = []
+        for sid in source_ids:
+            lock = self.locker.try_acquire(sid)
+            if lock is None:
+                skipped.append(sid)
+            else:
+                self.held[sid] = lock
+                got.append(sid)
+        return got, skipped
+
+    def release(self, source_id: str) -> None:
+        lock = self.held.pop(source_id, None)
+        if lock is not None:
+            lock.release()
+
+    def release_all(self) -> None:
+        for sid in list(self.held):
+            self.release(sid)
+        self.locker.close()
+
+
+@contextmanager
+def store_and_locks(app: AppContext) -> Iterator[tuple[Store, Locks]]:
+    """The run's store and lock set; every lock is released and the store closed at exit."""
+    from billing_cli.store import open_store
+
+    store: Store = open_store(app.db_url)
+    locks = Locks(locker_for(app.db_url))
+    try:
+        yield store, locks
+    finally:
+        locks.release_all()
+        store.close()
+
+
+class ProgressHooks:
+    """Progress on a terminal (stderr); lock release as each source finishes."""
+
+    def __init__(self, progress: Progress | None, locks: Locks, total: int) -> None:
+        self.progress = progress
+        self.locks = locks
+        self.task = progress.add_task("collect", total=total) if progress is not None else None
+        self.samples = 0
+
+    def on_page(self, outcome: SourceOutcome) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(
+                self.task,
+                description=f"{outcome.source_id}: page {outcome.pages}, "
+                f"{outcome.report.samples:,} samples",
+            )
+
+    def on_finished(self, outcome: SourceOutcome) -> None:
+        # Only now is the source's last page committed: the next run may take it.
+        self.locks.release(outcome.source_id)
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+
+
+def make_progress(app: AppContext, json_out: bool) -> Progress | None:
+    if not app.interactive or json_out:
+        return None
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=app.err,
+        transient=True,
+    )
+
+
+def pull(
+    app: AppContext,
+    json_out: bool,
+    store: Store,
+    locks: Locks,
+    tasks: list[PullTask[SourceConfig]],
+    *,
+    pricing: Pricing,
+    run_id: int,
+    settings: PullSettings,
+    concurrency: int,
+    record_checkpoints: bool = True,
+    dry_run: bool = False,
+) -> dict[str, SourceOutcome]:
+    """Pull ``tasks`` over HTTPS with a progress bar on a terminal.
+
+    ``dry_run`` wraps every write in ``store.dry_run()`` (rolled back at the end). The
+    per-source time budget is ``settings.budget_s``.
+    """
+    progress = make_progress(app, json_out)
+    hooks = ProgressHooks(progress, locks, len(tasks))
+    if progress is not None:
+        progress.start()
+    try:
+        scope: AbstractContextManager[None] = store.dry_run() if dry_run else nullcontext()
+        with scope:
+            return run_sources(
+                store,
+                tasks,
+                transport_client_factory(settings.budget_s),
+                pricing=pricing,
+                run_id=run_id,
+                settings=settings,
+                concurrency=concurrency,
+                hooks=hooks,
+                record_checkpoints=record_checkpoints,
+            )
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def skipped_outcome(source: SourceConfig, now: int, reason: str) -> SourceOutcome:
+    return SourceOutcome(
+        source_id=source.source_id,
+        node_id=source.node_id,
+        env=source.env,
+        status="skipped",
+        started_at_ns=now,
+        finished_at_ns=now,
+        note=reason,
+    )
+
+
+def locked_outcomes(
+    by_id: dict[str, SourceConfig], locked: list[str], now: int
+) -> dict[str, SourceOutcome]:
+    """Skipped outcomes for the sources whose lock another run holds."""
+    return {sid: skipped_outcome(by_id[sid], now, LOCKED_NOTE) for sid in locked}
+
+
+def run_result(run_id: int, kind: RunKind, outcome: SourceOutcome) -> SourceRunResult:
+    return SourceRunResult(
+        run_id=run_id,
+        source_id=outcome.source_id,
+        kind=kind,
+        started_at_ns=outcome.started_at_ns,
+        finished_at_ns=outcome.finished_at_ns,
+        outcome=outcome.status,
+        counts=outcome.counts(),
+        error=outcome.error,
+    )
+
+
+def finish_run(store: Store, run_id: int, kind: RunKind, outcomes: list[SourceOutcome]) -> None:
+    store.finish_run(
+        run_id,
+        run_outcome(outcomes),
+        {o.source_id: run_result(run_id, kind, o) for o in outcomes},
+    )
+
+
+def exit_code_for(outcomes: list[SourceOutcome]) -> ExitCode:
+    if any(o.status == "failed" for o in outcomes):
+        return ExitCode.FAILED
+    if outcomes and all(o.status == "skipped" for o in outcomes):
+        return ExitCode.LOCKED
+    return ExitCode.OK
+
+
+def run_outcome(outcomes: list[SourceOutcome]) -> str:
+    if any(o.status == "failed" for o in outcomes):
+        return "failed"
+    if outcomes and all(o.status == "skipped" for o in outcomes):
+        return "skipped"
+    return "ok"
