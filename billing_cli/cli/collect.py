@@ -47,6 +47,7 @@ from billing_cli.cli._pull import (
 )
 from billing_cli.cli._runlog import log_outcomes
 from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
+from billing_cli.collect.schedule import is_due, pull_start
 from billing_cli.store.base import Checkpoint
 
 HELP = """\
@@ -72,33 +73,6 @@ Examples:
   billing collect --json | jq '.sources[] | select(.status != "ok")'
   * * * * *  billing -q collect                        # crontab: silent unless a failure
 """
-
-# A source is due when at least interval - slack has elapsed since its last attempt, so a
-# cron job firing a second early still collects a source whose interval is one minute.
-DUE_SLACK_FRACTION = 0.25
-DUE_SLACK_MAX_S = 15.0
-
-
-def is_due(checkpoint: Checkpoint | None, interval_s: float, now: int) -> bool:
-    if checkpoint is None or checkpoint.last_attempted_at_ns is None:
-        return True
-    slack = min(interval_s * DUE_SLACK_FRACTION, DUE_SLACK_MAX_S)
-    elapsed_s = (now - checkpoint.last_attempted_at_ns) / NS_PER_SECOND
-    return elapsed_s >= interval_s - slack
-
-
-def pull_start(
-    checkpoint: Checkpoint | None, since_ns: int | None, now: int, overlap_ns: int, lookback_ns: int
-) -> int:
-    """Where a source's pull starts: the checkpoint minus the overlap, else ``--since``,
-    else the initial lookback; never after ``now``."""
-    if checkpoint is not None and checkpoint.last_successful_until_ns is not None:
-        start = checkpoint.last_successful_until_ns - overlap_ns
-    elif since_ns is not None:
-        start = since_ns
-    else:
-        start = now - lookback_ns
-    return min(start, now)
 
 
 def parse_budget(value: str) -> float:
