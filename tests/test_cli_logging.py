@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-TOKEN = "s3cr3t-token-for-logging-test"  # noqa: S105 - a test secret that must never leak
+TOKEN = "s3cr3t-token-for-logging-test"  # a test secret that must never leak
 
 
 def _closed_port() -> int:
