@@ -21,6 +21,15 @@ class ExitCode(IntEnum):
     LOCKED = 75  # every selected source was skipped: other runs hold their locks (EX_TEMPFAIL)
 
 
+def one_line(text: str, max_chars: int | None = None) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space, optionally
+    cut to ``max_chars`` with an ellipsis. Shared by every error and error display."""
+    line = " ".join(text.split())
+    if max_chars is None or len(line) <= max_chars:
+        return line
+    return line[: max_chars - 1] + "…"
+
+
 class BillingError(Exception):
     """Base of every expected failure."""
 
@@ -28,7 +37,7 @@ class BillingError(Exception):
 
     def __init__(self, message: str) -> None:
         # Keep messages to one line whatever the caller passed.
-        super().__init__(" ".join(message.split()))
+        super().__init__(one_line(message))
 
     @property
     def message(self) -> str:

@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, cast
 
 import orjson
 
+from billing_cli._errors import one_line
 from billing_cli._time import TimeFormatError, parse_rfc3339_ns
 from billing_cli.core.types import Item, Rejection, Sample
 
@@ -57,7 +58,7 @@ class WireFormatError(ValueError):
     """The document cannot be used at all. ``str()`` is one line naming where it broke."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True)

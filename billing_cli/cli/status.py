@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from billing_cli._errors import ExitCode, UsageError
+from billing_cli._errors import ExitCode, UsageError, one_line
 from billing_cli._time import (
     TimeFormatError,
     format_duration,
@@ -83,7 +83,7 @@ def redact_error(error: str | None) -> str | None:
     text = error
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
-    return " ".join(text.split()) or None
+    return one_line(text) or None
 
 
 @dataclass(frozen=True)

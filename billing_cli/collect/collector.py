@@ -37,6 +37,7 @@ from billing_cli._errors import (
     ProtocolError,
     SourceError,
     SourceIdentityError,
+    one_line,
 )
 from billing_cli._time import NS_PER_SECOND, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.core.types import Item, Rejection
@@ -152,12 +153,6 @@ class SourceOutcome:
             "postings": r.postings,
             "adjustments": r.adjustments,
         }
-
-
-def one_line(text: str) -> str:
-    """Errors are stored and printed as one bounded line."""
-    line = " ".join(text.split())
-    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def plan_chunks(since_ns: int, until_ns: int, chunk_ns: int) -> list[tuple[int, int]]:
@@ -374,10 +369,11 @@ class _NoHooks:
 
 
 def _error_text(exc: BaseException) -> str:
+    """Errors are stored and printed as one bounded line."""
     if isinstance(exc, BillingError):
-        return one_line(exc.message)
+        return one_line(exc.message, MAX_ERROR_CHARS)
     # A bug or an unexpected library exception: name it, without a traceback.
-    return one_line(f"internal error: {type(exc).__name__}: {exc}")
+    return one_line(f"internal error: {type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
 
 
 def run_sources(
