@@ -13,8 +13,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from billing_cli._errors import ExitCode, UsageError
-from billing_cli._time import TimeFormatError, parse_time_arg
+from billing_cli._errors import ExitCode
 from billing_cli.cli._context import AppContext
 from billing_cli.collect.collector import (
     PullSettings,
@@ -29,15 +28,6 @@ from billing_cli.registry.model import SourceConfig
 from billing_cli.store.base import RunKind, SourceRunResult, Store
 
 LOCKED_NOTE = "another run holds this source"
-
-
-def parse_time_option(value: str | None, flag: str, now: int) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_time_arg(value, now=now)
-    except TimeFormatError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
 
 
 class Locks:

@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from billing_cli._errors import StoreError, UsageError
-from billing_cli._time import TimeFormatError, format_rfc3339_ns, parse_time_arg
+from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
+from billing_cli.cli._flags import time_flag
 from billing_cli.store.base import RowFilter
 
 if TYPE_CHECKING:
@@ -57,15 +58,6 @@ def output_format(fmt: str, as_json: bool) -> OutputFormat:
     raise UsageError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
-def parse_time_flag(flag: str, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_time_arg(value)
-    except TimeFormatError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-
-
 def build_filter(
     app: AppContext,
     *,
@@ -77,8 +69,8 @@ def build_filter(
     until: str | None,
 ) -> RowFilter:
     """The store filter for the common flags; ``--source`` resolves through the registry."""
-    since_ns = parse_time_flag("--since", since)
-    until_ns = parse_time_flag("--until", until)
+    since_ns = time_flag("--since", since)
+    until_ns = time_flag("--until", until)
     if since_ns is not None and until_ns is not None and since_ns >= until_ns:
         raise UsageError(f"--since ({since}) must be before --until ({until})")
     pairs: tuple[tuple[str, str], ...] = ()

@@ -29,18 +29,16 @@ from rich.text import Text
 from billing_cli._errors import ExitCode, UsageError
 from billing_cli._time import (
     NS_PER_SECOND,
-    TimeFormatError,
     format_duration,
     format_rfc3339_ns,
     now_ns,
-    parse_duration_seconds,
 )
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._flags import duration_flag, time_flag
 from billing_cli.cli._pull import (
     exit_code_for,
     finish_run,
     locked_outcomes,
-    parse_time_option,
     pull,
     run_outcome,
     store_and_locks,
@@ -75,13 +73,6 @@ Examples:
 """
 
 
-def parse_budget(value: str) -> float:
-    try:
-        return parse_duration_seconds(value)
-    except TimeFormatError as exc:
-        raise UsageError(f"--source-timeout: {exc}") from None
-
-
 def collect_command(
     ctx: typer.Context,
     source: Annotated[
@@ -111,10 +102,10 @@ def collect_command(
 ) -> int:
     app = get_context(ctx)
     now = now_ns()
-    since_ns = parse_time_option(since, "--since", now)
+    since_ns = time_flag("--since", since, now=now)
     if since_ns is not None and since_ns >= now:
         raise UsageError(f"--since {since}: must be in the past")
-    budget_s = parse_budget(source_timeout)
+    budget_s = duration_flag("--source-timeout", source_timeout)
     registry = app.load_registry()
     if source:
         selected = [registry.get(sid) for sid in dict.fromkeys(source)]

@@ -28,11 +28,11 @@ from rich.table import Table
 from billing_cli._errors import UsageError
 from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._flags import time_flag
 from billing_cli.cli._pull import (
     exit_code_for,
     finish_run,
     locked_outcomes,
-    parse_time_option,
     pull,
     run_outcome,
     store_and_locks,
@@ -101,8 +101,8 @@ def reconcile_command(
         raise UsageError("--since is required (e.g. --since 2026-11-24T00:00:00Z or --since 6h)")
     if bool(source) == all_sources:
         raise UsageError("give --source ID (repeatable) or --all, not both and not neither")
-    since_ns = parse_time_option(since, "--since", now)
-    until_ns = parse_time_option(until, "--until", now) or now
+    since_ns = time_flag("--since", since, now=now)
+    until_ns = time_flag("--until", until, now=now) or now
     assert since_ns is not None
     if since_ns >= until_ns:
         raise UsageError(

@@ -19,13 +19,12 @@ from rich.text import Text
 
 from billing_cli._errors import ExitCode, UsageError, one_line
 from billing_cli._time import (
-    TimeFormatError,
     format_duration,
     format_rfc3339_ns,
     now_ns,
-    parse_duration_seconds,
 )
 from billing_cli.cli._context import get_context
+from billing_cli.cli._flags import duration_flag
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Health, Verdict, all_healthy, classify, default_max_lag_s
 from billing_cli.store.base import Checkpoint, SourceRunResult
@@ -150,10 +149,7 @@ def collect_status(
     app_ctx = get_context(ctx)
     override_s: float | None = None
     if max_lag is not None:
-        try:
-            override_s = parse_duration_seconds(max_lag)
-        except TimeFormatError as exc:
-            raise UsageError(f"--max-lag: {exc}") from None
+        override_s = duration_flag("--max-lag", max_lag)
     registry = app_ctx.load_registry()
     sources = list(registry.sources)
     if source is not None:
