@@ -16,9 +16,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
+import click
 import orjson
+import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -36,6 +38,32 @@ OutputFormat = Literal["table", "json", "csv"]
 FORMATS: tuple[OutputFormat, ...] = ("table", "json", "csv")
 Cell = str | int
 T = TypeVar("T")
+
+# The filter and output flags every read command takes (``usage``, ``ledger``).
+SourcesOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--source",
+        metavar="ID",
+        help="Only this source's node_id/env (from the registry). Repeatable.",
+    ),
+]
+NodeIdOption = Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")]
+EnvOption = Annotated[str | None, typer.Option("--env", help="Only this env.")]
+UuidOption = Annotated[str | None, typer.Option("--uuid", help="Only this account (uuid).")]
+SinceOption = Annotated[
+    str | None,
+    typer.Option("--since", help="Buckets starting at or after this time (RFC3339 or 2h)."),
+]
+UntilOption = Annotated[
+    str | None,
+    typer.Option("--until", help="Buckets starting before this time (RFC3339 or 2h)."),
+]
+FormatOption = Annotated[
+    str,
+    typer.Option("--format", click_type=click.Choice(list(FORMATS)), help="Output format."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
 
 # Rows rendered as a table are for people; past this many, say so and suggest json/csv.
 TABLE_ROW_LIMIT = 10_000

@@ -11,8 +11,15 @@ import typer
 from billing_cli._time import NS_PER_MINUTE
 from billing_cli.cli._context import get_context
 from billing_cli.cli._rows import (
-    FORMATS,
     Cell,
+    EnvOption,
+    FormatOption,
+    JsonOption,
+    NodeIdOption,
+    SinceOption,
+    SourcesOption,
+    UntilOption,
+    UuidOption,
     build_filter,
     closing_rows,
     format_time,
@@ -119,25 +126,12 @@ def total_rows(rows: Iterable[UsageRow]) -> Iterator[dict[str, Cell]]:
 
 def usage_command(
     ctx: typer.Context,
-    source: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--source",
-            metavar="ID",
-            help="Only this source's node_id/env (from the registry). Repeatable.",
-        ),
-    ] = None,
-    node_id: Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")] = None,
-    env: Annotated[str | None, typer.Option("--env", help="Only this env.")] = None,
-    uuid: Annotated[str | None, typer.Option("--uuid", help="Only this account (uuid).")] = None,
-    since: Annotated[
-        str | None,
-        typer.Option("--since", help="Buckets starting at or after this time (RFC3339 or 2h)."),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option("--until", help="Buckets starting before this time (RFC3339 or 2h)."),
-    ] = None,
+    source: SourcesOption = None,
+    node_id: NodeIdOption = None,
+    env: EnvOption = None,
+    uuid: UuidOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
     by: Annotated[
         str,
         typer.Option(
@@ -149,11 +143,8 @@ def usage_command(
     totals: Annotated[
         bool, typer.Option("--totals", help="One row per uuid with summed bytes.")
     ] = False,
-    fmt: Annotated[
-        str,
-        typer.Option("--format", click_type=click.Choice(list(FORMATS)), help="Output format."),
-    ] = "table",
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    fmt: FormatOption = "table",
+    as_json: JsonOption = False,
 ) -> None:
     app = get_context(ctx)
     out_fmt = output_format(fmt, as_json)
