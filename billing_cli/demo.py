@@ -26,6 +26,7 @@ import contextlib
 import io
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -234,16 +235,24 @@ def _default_run(args: list[str]) -> int:
 def _fleets(pki: _Pki, token: str, end_ns: int) -> Iterator[dict[str, Fleet]]:
     ctx_a = server_ssl_context(*pki.a_server, client_ca_pem=pki.fleet_ca_pem)
     ctx_b = server_ssl_context(*pki.b_server)
-    common = {"env": "demo", "series": SERIES, "activity": 0.7, "minutes": HISTORY_MINUTES}
-    fleet_a = Fleet(["node-a"], seed=11, end_ns=end_ns, ssl_context=ctx_a, **common)  # type: ignore[arg-type]
-    fleet_b = Fleet(
-        ["node-b"],
-        seed=12,
-        end_ns=end_ns,
-        ssl_context=ctx_b,
-        tokens={"node-b": token},
-        **common,  # type: ignore[arg-type]
-    )
+
+    def demo_fleet(
+        node: str, seed: int, ctx: ssl.SSLContext, tokens: bool | dict[str, str] = False
+    ) -> Fleet:
+        return Fleet(
+            [node],
+            env="demo",
+            series=SERIES,
+            activity=0.7,
+            minutes=HISTORY_MINUTES,
+            seed=seed,
+            end_ns=end_ns,
+            ssl_context=ctx,
+            tokens=tokens,
+        )
+
+    fleet_a = demo_fleet("node-a", 11, ctx_a)
+    fleet_b = demo_fleet("node-b", 12, ctx_b, tokens={"node-b": token})
     started: list[Fleet] = []
     try:
         for fleet in (fleet_a, fleet_b):

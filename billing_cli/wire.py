@@ -341,10 +341,10 @@ def _checked_samples(
     seen: set[tuple[str, str]] = set()
     for s in samples:
         checked = _check_sample(s, ts, node_id, env, seen)
-        if type(checked) is Rejection:
+        if isinstance(checked, Rejection):
             rejections.append(checked)
         else:
-            valid.append(checked)  # type: ignore[arg-type]
+            valid.append(checked)
     return valid
 
 

@@ -21,11 +21,14 @@ import hashlib
 import re
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from filelock import FileLock, Timeout
 
 from billing_cli._errors import StoreError
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 class SourceLock(Protocol):
@@ -146,7 +149,7 @@ _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext('billing:' || current_schema()
 
 
 class _AdvisorySourceLock:
-    def __init__(self, conn: Any, source_id: str) -> None:
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], source_id: str) -> None:
         self._conn = conn
         self._source_id = source_id
 
