@@ -268,25 +268,13 @@ def iter_source_batches(
                 seen_samples += sum(len(i.samples) for i in page.items)
                 per_item = max(1, seen_samples // seen_items)
                 limit = max(1, min(settings.page_limit, settings.page_samples // per_item))
-            advance = None
-            if task.advance_checkpoint:
-                advance = CheckpointAdvance(
-                    source_id=source.source_id,
-                    node_id=source.node_id,
-                    env=source.env,
-                    last_cursor=page.next_cursor if page.next_cursor is not None else cursor,
-                    last_successful_until_ns=chunk_until if last else None,
-                    attempted_at_ns=attempted_at_ns,
-                )
-            yield Batch(
-                items=page.items,
-                run_id=run_id,
-                pricing=pricing,
-                source_id=source.source_id,
-                rejections=page.rejections,
-                checkpoint=advance,
-                collect_bucket_changes=settings.collect_bucket_changes,
+            advance = _advance(
+                task,
+                last_cursor=page.next_cursor if page.next_cursor is not None else cursor,
+                until_ns=chunk_until if last else None,
+                attempted_at_ns=attempted_at_ns,
             )
+            yield _batch(task, page.items, page.rejections, advance, pricing, run_id, settings)
             if last:
                 break
             assert page.next_cursor is not None
@@ -315,22 +303,46 @@ def _iter_latest(
         raise ProtocolError(source.source_id, f"latest snapshot: {exc}") from None
     _check_items(source, items, "latest snapshot")
     rejections = [r for r in rejections if _rejection_ok(source, r)]
-    advance = None
-    if task.advance_checkpoint:
-        newest = max((i.collected_at_ns for i in items), default=None)
-        advance = CheckpointAdvance(
-            source_id=source.source_id,
-            node_id=source.node_id,
-            env=source.env,
-            last_cursor=None,
-            last_successful_until_ns=newest,
-            attempted_at_ns=attempted_at_ns,
-        )
-    yield Batch(
+    advance = _advance(
+        task,
+        last_cursor=None,
+        until_ns=max((i.collected_at_ns for i in items), default=None),
+        attempted_at_ns=attempted_at_ns,
+    )
+    yield _batch(task, items, rejections, advance, pricing, run_id, settings)
+
+
+def _advance(
+    task: PullTask[S], *, last_cursor: str | None, until_ns: int | None, attempted_at_ns: int
+) -> CheckpointAdvance | None:
+    """The checkpoint movement a batch carries (none for reconcile)."""
+    if not task.advance_checkpoint:
+        return None
+    source = task.source
+    return CheckpointAdvance(
+        source_id=source.source_id,
+        node_id=source.node_id,
+        env=source.env,
+        last_cursor=last_cursor,
+        last_successful_until_ns=until_ns,
+        attempted_at_ns=attempted_at_ns,
+    )
+
+
+def _batch(
+    task: PullTask[S],
+    items: list[Item],
+    rejections: list[Rejection],
+    advance: CheckpointAdvance | None,
+    pricing: Pricing,
+    run_id: int,
+    settings: PullSettings,
+) -> Batch:
+    return Batch(
         items=items,
         run_id=run_id,
         pricing=pricing,
-        source_id=source.source_id,
+        source_id=task.source.source_id,
         rejections=rejections,
         checkpoint=advance,
         collect_bucket_changes=settings.collect_bucket_changes,
