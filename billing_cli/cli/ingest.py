@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, BinaryIO, cast
 
 import orjson
 import typer
@@ -34,6 +34,9 @@ from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
 from billing_cli.store.base import ApplyReport, Batch, Store
 from billing_cli.wire import WireFormatError, iter_ingest
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger("billing_cli.ingest")
 
@@ -197,7 +200,7 @@ class _Head(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         if self._left <= 0:
             return 0
         view = memoryview(buffer).cast("B")

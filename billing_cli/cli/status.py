@@ -174,17 +174,17 @@ def collect_status(
         finally:
             store.close()
 
-    overlap_s = float(registry.defaults.overlap_s)
+    overlap_s = registry.defaults.overlap_s
     out: list[SourceStatus] = []
     for src in sources:
         cp = checkpoints.get(src.source_id)
         limit = (
             override_s
             if override_s is not None
-            else default_max_lag_s(float(src.collect_interval_s), overlap_s)
+            else default_max_lag_s(src.collect_interval_s, overlap_s)
         )
         verdict = classify(
-            enabled=bool(src.enabled),
+            enabled=src.enabled,
             last_successful_until_ns=cp.last_successful_until_ns if cp else None,
             consecutive_failures=cp.consecutive_failures if cp else 0,
             now_ns=now,
@@ -195,7 +195,7 @@ def collect_status(
                 source_id=src.source_id,
                 node_id=src.node_id,
                 env=src.env,
-                enabled=bool(src.enabled),
+                enabled=src.enabled,
                 max_lag_s=limit,
                 verdict=verdict,
                 checkpoint=cp,
