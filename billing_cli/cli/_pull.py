@@ -81,7 +81,6 @@ class ProgressHooks:
         self.progress = progress
         self.locks = locks
         self.task = progress.add_task("collect", total=total) if progress is not None else None
-        self.samples = 0
 
     def on_page(self, outcome: SourceOutcome) -> None:
         if self.progress is not None and self.task is not None:

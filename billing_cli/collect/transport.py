@@ -58,13 +58,15 @@ from billing_cli.collect._tls import (
     tls_reason,
 )
 from billing_cli.registry import credentials
-from billing_cli.registry.model import SourceConfig
+from billing_cli.registry.model import Defaults, SourceConfig
 
 log = logging.getLogger("billing_cli.collect.transport")
 
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-DEFAULT_RETRY_ATTEMPTS = 3
-DEFAULT_TIMEOUT_S = 10.0
+# A TransportConfig built by hand (tests, tools) gets the registry's own [defaults].
+_REGISTRY_DEFAULTS = Defaults()
+DEFAULT_MAX_RESPONSE_BYTES = _REGISTRY_DEFAULTS.max_response_bytes
+DEFAULT_RETRY_ATTEMPTS = _REGISTRY_DEFAULTS.retry_attempts
+DEFAULT_TIMEOUT_S = float(_REGISTRY_DEFAULTS.request_timeout_s)
 WINDOW_PATH = "/v1/snapshots/window"
 LATEST_PATH = "/v1/snapshots/latest"
 # A bearer token must be visible ASCII (RFC 6750 b64token is narrower; be lenient but safe).
