@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from billing_cli._errors import ExitCode
@@ -150,6 +151,17 @@ def pull(
     finally:
         if progress is not None:
             progress.stop()
+
+
+def failure_line(outcome: SourceOutcome) -> str:
+    """How a failed source is reported on stderr (quiet mode and under cron)."""
+    return f"error: {outcome.error}"
+
+
+def echo_failures(outcomes: list[SourceOutcome]) -> None:
+    for o in outcomes:
+        if o.status == "failed":
+            typer.echo(failure_line(o), err=True)
 
 
 def skipped_outcome(source: SourceConfig, now: int, reason: str) -> SourceOutcome:

@@ -36,7 +36,9 @@ from billing_cli._time import (
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import duration_flag, time_flag
 from billing_cli.cli._pull import (
+    echo_failures,
     exit_code_for,
+    failure_line,
     finish_run,
     locked_outcomes,
     pull,
@@ -261,10 +263,8 @@ def _report(
         return
     if log_outcomes(app, "collect", run_id, outcomes) and not app.interactive:
         return  # --log-format json: the log records are the report
-    failed = [o for o in outcomes if o.status == "failed"]
     if app.quiet:
-        for o in failed:
-            typer.echo(f"error: {o.error}", err=True)
+        echo_failures(outcomes)
         return
     if app.interactive:
         app.out.print(collect_table(outcomes, after, now, run_id))
@@ -272,7 +272,7 @@ def _report(
     # Under cron: a short summary, one line per source that needs attention.
     for o in outcomes:
         if o.status == "failed":
-            typer.echo(f"error: {o.error}", err=True)
+            typer.echo(failure_line(o), err=True)
         elif o.status == "skipped":
             typer.echo(f"skipped: source '{o.source_id}': {o.note}", err=True)
     typer.echo(summary_line("collect", run_id, outcomes))

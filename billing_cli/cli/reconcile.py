@@ -30,6 +30,7 @@ from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns,
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import time_flag
 from billing_cli.cli._pull import (
+    echo_failures,
     exit_code_for,
     finish_run,
     locked_outcomes,
@@ -282,9 +283,7 @@ def _emit(
     if log_outcomes(app, "reconcile", doc.get("run_id"), outcomes) and not app.interactive:
         return  # --log-format json: the log records are the report
     if app.quiet:
-        for o in outcomes:
-            if o.status == "failed":
-                typer.echo(f"error: {o.error}", err=True)
+        echo_failures(outcomes)
         return
     title = f"reconcile {doc['since']} .. {doc['until']}" + (
         " (dry run: nothing written)" if doc["dry_run"] else ""
