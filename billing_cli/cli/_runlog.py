@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from billing_cli.cli._context import AppContext
 from billing_cli.collect.collector import SourceOutcome
+from billing_cli.store.base import RunKind
 
 log = logging.getLogger("billing_cli.run")
 
@@ -21,7 +22,7 @@ _LEVEL = {"ok": logging.INFO, "skipped": logging.WARNING, "failed": logging.ERRO
 
 
 def log_outcomes(
-    app: AppContext, kind: str, run_id: int | None, outcomes: Sequence[SourceOutcome]
+    app: AppContext, kind: RunKind, run_id: int | None, outcomes: Sequence[SourceOutcome]
 ) -> bool:
     """Log every source's outcome; True when the structured log replaces the text lines."""
     structured = app.log_format == "json"
