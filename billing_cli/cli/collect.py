@@ -48,6 +48,7 @@ from billing_cli.cli._pull import (
 from billing_cli.cli._runlog import log_outcomes
 from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
 from billing_cli.collect.schedule import is_due, pull_start
+from billing_cli.health import lag_seconds
 from billing_cli.store.base import Checkpoint
 
 HELP = """\
@@ -197,9 +198,7 @@ def collect_command(
 
 
 def lag_s(cp: Checkpoint | None, now: int) -> float | None:
-    if cp is None or cp.last_successful_until_ns is None:
-        return None
-    return max(0.0, (now - cp.last_successful_until_ns) / NS_PER_SECOND)
+    return lag_seconds(now, cp.last_successful_until_ns if cp is not None else None)
 
 
 def outcome_json(o: SourceOutcome, cp: Checkpoint | None, now: int) -> dict[str, Any]:
