@@ -29,6 +29,7 @@ from billing_cli._errors import StoreError, UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
 from billing_cli.cli._flags import time_flag
+from billing_cli.collect.locks import sqlite_path
 from billing_cli.store.base import RowFilter
 
 if TYPE_CHECKING:
@@ -122,8 +123,7 @@ def _sqlite_path(url: str) -> Path | None:
     """The file behind a SQLite URL/path (as ``open_store`` reads it), ``None`` otherwise."""
     if "://" in url and not url.startswith("sqlite://"):
         return None  # a server URL (or an unsupported one: open_store explains)
-    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
-    path = path.removeprefix("sqlite://")
+    path = sqlite_path(url)
     if not path or path == ":memory:":
         return None
     return Path(path).expanduser()
