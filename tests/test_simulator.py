@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import ssl
 import subprocess
 import sys
 import tomllib
@@ -313,7 +314,9 @@ def test_truncated_body_over_tls_is_a_protocol_failure(sim_fleet: object) -> Non
     sim.fleet.node(NODE).set_fault("truncate")
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.get(
-            sim.fleet.base_url(NODE) + "/v1/snapshots/latest", verify=str(sim.pki.ca), timeout=5
+            sim.fleet.base_url(NODE) + "/v1/snapshots/latest",
+            verify=ssl.create_default_context(cafile=str(sim.pki.ca)),
+            timeout=5,
         )
 
 
