@@ -525,6 +525,76 @@ class SqlStore:
             self.db.executemany("UPDATE series SET email = ? WHERE series_id = ?", renamed)
         return series
 
+    def _drop_redelivered(
+        self, per_key: dict[RawKey, list[Observation]], series: dict[RawKey, _Series]
+    ) -> int:
+        """Remove exact re-deliveries of stored observations from ``per_key``; return how
+        many were removed.
+
+        Per series, the observations at or before the head are checked against the stored
+        rows with the same ``collected_at`` (the head itself needs no query; the others
+        come from one exact-key read). Only when *all* of them are identical to stored
+        rows are they removed: then the merged series is the stored one plus the
+        observations after the head, so metering the rest against the head alone gives
+        exactly what the full window diff would (the duplicates count the same, too).
+        Any missing or different stored row leaves the series untouched (full window
+        diff: a genuine late item or a conflict). A series left with nothing is dropped.
+        """
+        candidates: list[tuple[RawKey, Observation, int]] = []  # (key, head, split needed)
+        wanted: list[Row] = []
+        for key, obs in per_key.items():
+            head = series[key].head
+            if head is None:
+                continue
+            head_t = head.collected_at_ns
+            early = [o for o in obs if o.collected_at_ns <= head_t]
+            if not early:
+                continue
+            ok = True
+            sid = series[key].series_id
+            before_head: list[Row] = []
+            for o in early:
+                if o.collected_at_ns == head_t:
+                    if o != head:
+                        ok = False
+                        break
+                else:
+                    before_head.append((sid, o.collected_at_ns))
+            if ok:
+                candidates.append((key, head, len(early)))
+                wanted.extend(before_head)
+        if not candidates:
+            return 0
+        stored: dict[tuple[int, int], Observation] = {}
+        if wanted:
+            sql = (
+                "SELECT o.series_id, o.collected_at_ns, o.uplink_total, o.downlink_total,"
+                " o.counter_epoch FROM k JOIN observations o"
+                " ON o.series_id = k.sid AND o.collected_at_ns = k.t"
+            )
+            cols: list[KeyCol] = [("sid", "bigint"), ("t", "bigint")]
+            for r in self._keyset_query(sql, "k", cols, list(dict.fromkeys(wanted))):
+                stored[(int(r[0]), int(r[1]))] = Observation(int(r[1]), int(r[2]), int(r[3]), r[4])
+        dropped = 0
+        for key, head, n_early in candidates:
+            head_t = head.collected_at_ns
+            sid = series[key].series_id
+            obs = per_key[key]
+            rest: list[Observation] = []
+            for o in obs:
+                t = o.collected_at_ns
+                if t > head_t:
+                    rest.append(o)
+                elif t < head_t and stored.get((sid, t)) != o:
+                    break  # not an exact re-delivery: keep the series for the full diff
+            else:
+                dropped += n_early
+                if rest:
+                    per_key[key] = rest
+                else:
+                    del per_key[key]
+        return dropped
+
     def _load_windows(self, late: list[Row]) -> dict[int, list[Observation]]:
         """Stored observations of each late series from the predecessor of its earliest
         new observation through the successor of its latest one, in one query."""
@@ -640,7 +710,10 @@ class SqlStore:
         run_id, source_id = batch.run_id, batch.source_id
         series = self._load_series(per_key, emails)
 
-        # 2. Late series (an observation at or before the head) need their stored window.
+        # 2. Late series (an observation at or before the head) need their stored window,
+        # unless every such observation is an exact re-delivery (the overlap of the
+        # previous pull: the common case), which is dropped here as a duplicate.
+        report.duplicates += self._drop_redelivered(per_key, series)
         late: list[Row] = []
         for key, obs in per_key.items():
             head = series[key].head
