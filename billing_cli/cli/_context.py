@@ -24,8 +24,8 @@ class AppContext:
     db_url: str
     log_format: str = "text"
     verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose (-v), 2 debug (-vv)
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
-    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+    out: Console = field(default_factory=lambda: make_console(stderr=False))
+    err: Console = field(default_factory=lambda: make_console(stderr=True))
 
     @property
     def quiet(self) -> bool:
@@ -40,6 +40,18 @@ class AppContext:
         from billing_cli.registry.load import load_registry
 
         return load_registry(self.registry_path, explicit=self.registry_explicit)
+
+
+# Piped output (a cron mail, a log, grep) has no width to respect; rich would assume 80
+# columns and truncate table cells. Tables take their natural width up to this instead.
+PIPED_WIDTH = 200
+
+
+def make_console(*, stderr: bool) -> Console:
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, soft_wrap=True, width=PIPED_WIDTH)
+    return console
 
 
 def resolve_db_url(flag: str | None) -> str:
