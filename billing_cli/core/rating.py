@@ -110,7 +110,7 @@ class Rater:
         # price / unit_bytes * 10^9: the bucket's nano-amount before multipliers, per byte.
         pnum, pden = _ratio(pricing.price_per_unit)
         self._base: _Ratio = (pnum * NANO_PER_UNIT, pden * pricing.unit_bytes)
-        self._free = pnum == 0
+        self.free = pnum == 0  # a zero price: every amount is 0
         m = pricing.multipliers
         self._env = {k: _ratio(v) for k, v in m.env.items()}
         self._node = {k: _ratio(v) for k, v in m.node_id.items()}
@@ -120,6 +120,7 @@ class Rater:
         ]
         self._series_cache: dict[tuple[str, str, str], _Ratio] = {}
         self._peak_cache: dict[int, _Ratio] = {}
+        self._factor_cache: dict[tuple[_Ratio, _Ratio], _Ratio] = {}
 
     def series_factor(self, key: SeriesKey) -> _Ratio:
         """Product of the env, node_id and inbound_tag multipliers (missing = 1)."""
@@ -152,9 +153,25 @@ class Rater:
             self._peak_cache[bucket_start_ns] = f
         return f
 
+    def factor(self, key: SeriesKey, bucket_start_ns: int) -> _Ratio:
+        """The bucket's nano-amount per billable byte as one exact fraction ``(num, den)``:
+        price / unit_bytes × 10^9 × every multiplier. ``amount_nano`` of ``n`` billable
+        bytes is ``round_half_even(n * num, den)`` — the same integers as
+        :meth:`amount_nano` multiplies, grouped once per (series factor, peak factor)."""
+        sf = self.series_factor(key)
+        pf = self.peak_factor(bucket_start_ns) if self._windows else _ONE
+        ck = (sf, pf)
+        f = self._factor_cache.get(ck)
+        if f is None:
+            f = (self._base[0] * sf[0] * pf[0], self._base[1] * sf[1] * pf[1])
+            if len(self._factor_cache) >= self._MAX_CACHE:
+                self._factor_cache.clear()
+            self._factor_cache[ck] = f
+        return f
+
     def amount_nano(self, key: SeriesKey, bucket_start_ns: int, billable_bytes: int) -> int:
         """Nano-amount of ``billable_bytes`` in this bucket, rounded once, half-even."""
-        if billable_bytes == 0 or self._free:
+        if billable_bytes == 0 or self.free:
             return 0
         sn, sd = self.series_factor(key)
         pn, pd = self.peak_factor(bucket_start_ns)
