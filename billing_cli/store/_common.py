@@ -56,6 +56,10 @@ class Dialect(ABC):
     # already serialises writers); PostgreSQL locks the touched series rows so two
     # concurrent applies to one series cannot both meter against the same head.
     lock_series: str = ""
+    # Load the series of a (node_id, env) a page touches in bulk by one range scan of the
+    # series key index (and keep those the page names) instead of a key-set join. SQLite
+    # only: on PostgreSQL the scan would also lock the untouched series rows.
+    scan_series: bool = False
 
     @abstractmethod
     def q(self, sql: str) -> str:
@@ -111,6 +115,14 @@ class Dialect(ABC):
 
     def migration_lock(self) -> None:  # noqa: B027 - optional hook, SQLite needs none
         """Serialise concurrent first-use migrations (inside the migration transaction)."""
+
+
+def _late_row(series_id: int, obs: list[Observation]) -> Row:
+    ts = [o.collected_at_ns for o in obs]
+    return (series_id, min(ts), max(ts))
+
+
+_SCAN_MIN = 256  # keys of one (node_id, env) in a page before the series range scan pays
 
 
 class _Series(NamedTuple):
@@ -507,7 +519,40 @@ class SqlStore:
                 found[key] = _Series(int(r[0]), r[5], head, key)
             return found
 
-        series = load(list(per_key))
+        series: dict[RawKey, _Series] = {}
+        rest: list[RawKey] = list(per_key)
+        if self.db.scan_series and len(per_key) >= _SCAN_MIN:
+            groups: dict[tuple[str, str], int] = {}
+            for k in per_key:
+                g = (k[0], k[1])
+                groups[g] = groups.get(g, 0) + 1
+            scanned: set[tuple[str, str]] = set()
+            for (node, env), n in groups.items():
+                if n < _SCAN_MIN:
+                    continue
+                # Bounded waste: a node with more than twice the series the page names
+                # falls back to the key-set join.
+                rows = self.db.execute(
+                    f"SELECT {_SERIES_COLS} FROM series s WHERE s.node_id = ? AND s.env = ?"
+                    " LIMIT ?",
+                    (node, env, 2 * n + 1),
+                )
+                if len(rows) > 2 * n:
+                    continue
+                scanned.add((node, env))
+                for r in rows:
+                    key = SeriesKey(r[1], r[2], r[3], r[4])
+                    if key in per_key:
+                        head = (
+                            None
+                            if r[6] is None
+                            else Observation(int(r[6]), int(r[7]), int(r[8]), r[9])
+                        )
+                        series[key] = _Series(int(r[0]), r[5], head, key)
+            if scanned:
+                rest = [k for k in per_key if (k[0], k[1]) not in scanned]
+        if rest:
+            series.update(load(rest))
         missing = [k for k in per_key if k not in series]
         if missing:
             self.db.executemany(
@@ -527,9 +572,10 @@ class SqlStore:
 
     def _drop_redelivered(
         self, per_key: dict[RawKey, list[Observation]], series: dict[RawKey, _Series]
-    ) -> int:
+    ) -> tuple[int, list[Row]]:
         """Remove exact re-deliveries of stored observations from ``per_key``; return how
-        many were removed.
+        many were removed and the late series left: ``(series_id, min t, max t)`` of each
+        series that still has an observation at or before its head.
 
         Per series, the observations at or before the head are checked against the stored
         rows with the same ``collected_at`` (the head itself needs no query; the others
@@ -540,10 +586,11 @@ class SqlStore:
         Any missing or different stored row leaves the series untouched (full window
         diff: a genuine late item or a conflict). A series left with nothing is dropped.
         """
-        candidates: list[tuple[RawKey, Observation, int]] = []  # (key, head, split needed)
+        candidates: list[tuple[RawKey, Observation, int]] = []  # (key, head, n at/before)
         wanted: list[Row] = []
+        late: list[Row] = []
         for key, obs in per_key.items():
-            head = series[key].head
+            sid, _, head, _ = series[key]
             if head is None:
                 continue
             head_t = head.collected_at_ns
@@ -551,7 +598,6 @@ class SqlStore:
             if not early:
                 continue
             ok = True
-            sid = series[key].series_id
             before_head: list[Row] = []
             for o in early:
                 if o.collected_at_ns == head_t:
@@ -563,8 +609,10 @@ class SqlStore:
             if ok:
                 candidates.append((key, head, len(early)))
                 wanted.extend(before_head)
+            else:
+                late.append(_late_row(sid, obs))
         if not candidates:
-            return 0
+            return 0, late
         stored: dict[tuple[int, int], Observation] = {}
         if wanted:
             sql = (
@@ -593,7 +641,9 @@ class SqlStore:
                     per_key[key] = rest
                 else:
                     del per_key[key]
-        return dropped
+                continue
+            late.append(_late_row(sid, obs))
+        return dropped, late
 
     def _load_windows(self, late: list[Row]) -> dict[int, list[Observation]]:
         """Stored observations of each late series from the predecessor of its earliest
@@ -713,16 +763,8 @@ class SqlStore:
         # 2. Late series (an observation at or before the head) need their stored window,
         # unless every such observation is an exact re-delivery (the overlap of the
         # previous pull: the common case), which is dropped here as a duplicate.
-        report.duplicates += self._drop_redelivered(per_key, series)
-        late: list[Row] = []
-        for key, obs in per_key.items():
-            head = series[key].head
-            if head is None:
-                continue
-            head_t = head.collected_at_ns
-            if any(o.collected_at_ns <= head_t for o in obs):
-                ts = [o.collected_at_ns for o in obs]
-                late.append((series[key].series_id, min(ts), max(ts)))
+        dropped, late = self._drop_redelivered(per_key, series)
+        report.duplicates += dropped
         windows = self._load_windows(late)
 
         # 3. Meter each series.
@@ -737,18 +779,9 @@ class SqlStore:
                 window = [head] if head is not None else []
             d = diff_series(window, obs)
             report.duplicates += d.duplicates
-            for o in d.inserted:
-                obs_rows.append(
-                    (
-                        sid,
-                        o.collected_at_ns,
-                        o.uplink_total,
-                        o.downlink_total,
-                        o.counter_epoch,
-                        run_id,
-                        source_id,
-                    )
-                )
+            obs_rows += [
+                (sid, t, up, down, ep, run_id, source_id) for t, up, down, ep in d.inserted
+            ]
             report.new_observations += len(d.inserted)
             if d.new_head is not None:
                 h = d.new_head

@@ -27,6 +27,7 @@ class SQLiteDialect(Dialect):
     name: Literal["sqlite", "postgres"] = "sqlite"
     errors = (sqlite3.Error,)
     keyset_chunk = _MAX_PARAMS // 4  # rows of up to 4 columns stay under the limit
+    scan_series = True
 
     def __init__(self, path: str) -> None:
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
