@@ -13,7 +13,34 @@ from typing import Any, Literal
 
 import psycopg
 
-from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, SqlStore
+from billing_cli.store._common import (
+    _ADD_UUID_USAGE,
+    _BUCKET_COLS,
+    _LEDGER_COLS,
+    _OBS_COLS,
+    Dialect,
+    KeyCol,
+    Row,
+    SqlStore,
+)
+
+# Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
+_COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
+    ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text"],
+    ("buckets", _BUCKET_COLS): ["int8"] * 7,
+    ("ledger_postings", _LEDGER_COLS): [
+        "int8",
+        "int8",
+        "int8",
+        "text",
+        "int8",
+        "int8",
+        "text",
+        "text",
+        "int8",
+        "int8",
+    ],
+}
 
 
 class PostgresDialect(Dialect):
@@ -80,10 +107,16 @@ class PostgresDialect(Dialect):
         self.execute("SELECT pg_advisory_xact_lock(?)", (0x62696C6C,))
 
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
+        types = _COPY_TYPES.get((table, tuple(cols)))
+        fmt = " (FORMAT BINARY)" if types else ""
         with (
             self.conn.cursor() as cur,
-            cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN") as copy,
+            cur.copy(f"COPY {table} ({', '.join(cols)}) FROM STDIN{fmt}") as copy,
         ):
+            if types:
+                # Binary COPY with declared types: no per-value type lookup or text
+                # formatting on either side.
+                copy.set_types(types)
             write = copy.write_row
             for r in rows:
                 write(r)
