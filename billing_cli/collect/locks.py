@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from filelock import FileLock, Timeout
 
 from billing_cli._errors import StoreError
+from billing_cli.store import parse_database_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -44,15 +45,12 @@ class Locker(Protocol):
 
 
 def is_postgres_url(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgres://"))
+    return parse_database_url(url).backend == "postgres"
 
 
 def sqlite_path(url: str) -> str:
     """The file behind a SQLite store URL (plain path or ``sqlite:///path``)."""
-    for prefix in ("sqlite:///", "sqlite://"):
-        if url.startswith(prefix):
-            return url[len(prefix) :]
-    return url
+    return parse_database_url(url).sqlite_path
 
 
 def lock_dir_for(db_url: str) -> Path:

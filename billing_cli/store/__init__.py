@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from billing_cli._errors import StoreError
@@ -34,23 +36,42 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def open_store(url: str) -> Store:
-    """Open (and migrate on first use) the store at ``url``."""
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """What a ``--db`` value points at. The one parser every caller uses."""
+
+    backend: Literal["sqlite", "postgres"]
+    url: str
+    sqlite_path: str = ""  # the file (or ":memory:") for SQLite; empty for PostgreSQL
+
+
+def parse_database_url(url: str) -> DatabaseTarget:
+    """``postgresql://``/``postgres://`` (any case) is PostgreSQL; ``sqlite:///rel.db``,
+    ``sqlite:////abs.db`` or a plain path is a SQLite file; any other scheme is refused."""
     m = _SCHEME.match(url)
     scheme = m.group(1).lower() if m else None
     if scheme in ("postgresql", "postgres"):
-        return _open_postgres(url)
+        return DatabaseTarget("postgres", url)
     if scheme is not None and scheme != "sqlite":
         raise StoreError(
             f"unsupported database URL {redact_url(url)!r}: use postgresql://... or a SQLite "
             "file path (--db / BILLING_DATABASE_URL)"
         )
-    path = url[len("sqlite://") :] if scheme == "sqlite" else url
-    if scheme == "sqlite" and path.startswith("/") and not path.startswith("//"):
-        path = path[1:] or ":memory:"  # sqlite:///rel.db -> rel.db; sqlite:////abs -> /abs
-    elif scheme == "sqlite":
-        path = path[1:]
-    return _open_sqlite(path)
+    path = url
+    if scheme == "sqlite":
+        rest = url[len("sqlite://") :]
+        # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db; sqlite:// -> :memory:
+        path = rest[1:] if rest.startswith("/") else rest
+        path = path or ":memory:"
+    return DatabaseTarget("sqlite", url, path)
+
+
+def open_store(url: str) -> Store:
+    """Open (and migrate on first use) the store at ``url``."""
+    target = parse_database_url(url)
+    if target.backend == "postgres":
+        return _open_postgres(url)
+    return _open_sqlite(target.sqlite_path)
 
 
 def _open_sqlite(path: str) -> Store:
