@@ -34,6 +34,8 @@ from billing_cli.store.base import (
     Batch,
     BucketChange,
     Checkpoint,
+    IntegrityEvent,
+    IntegrityKind,
     LedgerRow,
     RowFilter,
     RunKind,
@@ -489,6 +491,89 @@ class SqlStore:
                 " WHERE acknowledged_at_ns IS NULL GROUP BY COALESCE(source_id, '')"
             )
         return {r[0]: int(r[1]) for r in rows}
+
+    def record_integrity_event(
+        self,
+        kind: IntegrityKind,
+        *,
+        node_id: str,
+        env: str,
+        uuid: str = "",
+        inbound_tag: str = "",
+        collected_at_ns: int | None = None,
+        source_id: str | None = None,
+        run_id: int | None = None,
+        detail: str,
+    ) -> None:
+        row = (kind, node_id, env, uuid, inbound_tag, collected_at_ns, source_id, run_id)
+        with self._guard("record an integrity event"), self.db.transaction():
+            self.db.execute(_EVENT_SQL, (*row, detail, now_ns()))
+
+    def iter_integrity_events(
+        self,
+        source_id: str | None = None,
+        kind: IntegrityKind | None = None,
+        open_only: bool = True,
+        since_ns: int | None = None,
+    ) -> Iterator[IntegrityEvent]:
+        conds: list[str] = []
+        params: list[Any] = []
+        if source_id is not None:
+            conds.append("source_id = ?")
+            params.append(source_id)
+        if kind is not None:
+            conds.append("kind = ?")
+            params.append(kind)
+        if open_only:
+            conds.append("acknowledged_at_ns IS NULL")
+        if since_ns is not None:
+            conds.append("created_at_ns >= ?")
+            params.append(since_ns)
+        sql = (
+            "SELECT id, kind, node_id, env, uuid, inbound_tag, collected_at_ns, source_id,"
+            " run_id, detail, created_at_ns, acknowledged_at_ns FROM integrity_events"
+            f" WHERE {' AND '.join(conds) or '1 = 1'} ORDER BY id"
+        )
+        # Events are few; read them at once so no cursor outlives the lock.
+        with self._guard("read integrity events"):
+            rows = self.db.execute(sql, params)
+        for r in rows:
+            yield IntegrityEvent(
+                id=int(r[0]),
+                kind=cast(IntegrityKind, r[1]),
+                node_id=r[2],
+                env=r[3],
+                uuid=r[4],
+                inbound_tag=r[5],
+                collected_at_ns=None if r[6] is None else int(r[6]),
+                source_id=r[7],
+                run_id=None if r[8] is None else int(r[8]),
+                detail=r[9],
+                created_at_ns=int(r[10]),
+                acknowledged_at_ns=None if r[11] is None else int(r[11]),
+            )
+
+    def acknowledge_integrity_events(
+        self, ids: list[int] | None, *, source_id: str | None = None, at_ns: int
+    ) -> int:
+        conds = ["acknowledged_at_ns IS NULL"]
+        params: list[Any] = [at_ns]
+        if source_id is not None:
+            conds.append("source_id = ?")
+            params.append(source_id)
+        sql = f"UPDATE integrity_events SET acknowledged_at_ns = ? WHERE {' AND '.join(conds)}"
+        # Only rows still open are touched, so acknowledging twice keeps the first time.
+        n = 0
+        with self._guard("acknowledge integrity events"), self.db.transaction():
+            if ids is None:
+                return len(self.db.execute(sql + " RETURNING id", params))
+            unique = sorted(set(ids))
+            step = 10_000  # under SQLite's host parameter limit
+            for i in range(0, len(unique), step):
+                part = unique[i : i + step]
+                marks = ",".join("?" * len(part))
+                n += len(self.db.execute(f"{sql} AND id IN ({marks}) RETURNING id", params + part))
+        return n
 
     # --- apply ----------------------------------------------------------------------------
 

@@ -17,6 +17,13 @@ from billing_cli.core.types import Item, Rejection, SeriesKey
 from billing_cli.pricing import Pricing
 
 RunKind = Literal["collect", "reconcile", "ingest", "demo"]
+IntegrityKind = Literal["conflict", "anomaly", "rejected", "identity_mismatch"]
+INTEGRITY_KINDS: tuple[IntegrityKind, ...] = (
+    "conflict",
+    "anomaly",
+    "rejected",
+    "identity_mismatch",
+)
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,24 @@ class SourceRunResult:
     error: str | None
 
 
+@dataclass(frozen=True)
+class IntegrityEvent:
+    """One row of ``integrity_events``; ``acknowledged_at_ns`` is ``None`` while open."""
+
+    id: int
+    kind: IntegrityKind
+    node_id: str
+    env: str
+    uuid: str
+    inbound_tag: str
+    collected_at_ns: int | None
+    source_id: str | None
+    run_id: int | None
+    detail: str
+    created_at_ns: int
+    acknowledged_at_ns: int | None
+
+
 class Store(Protocol):
     """Both back ends implement exactly this. Everything is UTC epoch nanoseconds."""
 
@@ -218,4 +243,40 @@ class Store(Protocol):
 
     def integrity_event_counts(self) -> dict[str, int]:
         """Open integrity events per source_id (events without a source under '')."""
+        ...
+
+    def record_integrity_event(
+        self,
+        kind: IntegrityKind,
+        *,
+        node_id: str,
+        env: str,
+        uuid: str = "",
+        inbound_tag: str = "",
+        collected_at_ns: int | None = None,
+        source_id: str | None = None,
+        run_id: int | None = None,
+        detail: str,
+    ) -> None:
+        """Own transaction: one event found outside ``apply`` (e.g. an identity mismatch)."""
+        ...
+
+    def iter_integrity_events(
+        self,
+        source_id: str | None = None,
+        kind: IntegrityKind | None = None,
+        open_only: bool = True,
+        since_ns: int | None = None,
+    ) -> Iterator[IntegrityEvent]:
+        """Events in id order; ``since_ns`` is inclusive on ``created_at_ns``."""
+        ...
+
+    def acknowledge_integrity_events(
+        self, ids: list[int] | None, *, source_id: str | None = None, at_ns: int
+    ) -> int:
+        """Own transaction: set ``acknowledged_at_ns`` on open events; return how many.
+
+        ``ids`` None: every open event of ``source_id``, or every open event when that is
+        None too. Given ids are still narrowed by ``source_id`` when both are passed.
+        """
         ...
