@@ -141,7 +141,25 @@ class ProtocolError(SourceError):
 
 
 class SourceIdentityError(SourceError):
-    """A page or item names another node_id/env than the source is registered for."""
+    """A page or item names another node_id/env than the source is registered for.
+
+    ``node_id``/``env``/``collected_at_ns`` are what the offending page or item claimed
+    (empty/None when unknown), kept for the ``identity_mismatch`` integrity event.
+    """
+
+    def __init__(
+        self,
+        source_id: str,
+        message: str,
+        *,
+        node_id: str = "",
+        env: str = "",
+        collected_at_ns: int | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.env = env
+        self.collected_at_ns = collected_at_ns
+        super().__init__(source_id, message)
 
 
 class LockedError(BillingError):

@@ -220,6 +220,15 @@ def test_wrong_node_id_fails_and_checkpoint_stays(make: MakeEnv, where: str) -> 
     assert row["new_observations"] == 0
     assert checkpoint_until(env) == before_cp
     assert usage_rows(env.db) == before_rows
+    # The mismatch is an open integrity event that status counts until acknowledged.
+    assert only(env.json("status", expect=None))["open_integrity_events"] == 1
+    res = env.run("integrity", "list", "--json")
+    (event,) = orjson.loads(res.stdout)
+    assert (event["kind"], event["source_id"]) == ("identity_mismatch", "node-01")
+    assert event["node_id"] == "node-01-impostor"
+    assert event["detail"] == row["error"]
+    assert env.run("integrity", "ack", "--source", "node-01").exit_code == 0
+    assert only(env.json("status", expect=None))["open_integrity_events"] == 0
 
 
 def test_cursor_loop_is_a_protocol_error(make: MakeEnv) -> None:

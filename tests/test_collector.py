@@ -247,6 +247,15 @@ def test_identity_mismatch_fails_source_and_applies_nothing_of_that_page(
     cp = store.get_checkpoint("node-a")
     assert cp is not None
     assert cp.last_successful_until_ns is None
+    # One open identity_mismatch event names what the exporter claimed, not the registry.
+    (ev,) = store.iter_integrity_events()
+    assert ev.kind == "identity_mismatch"
+    assert (ev.node_id, ev.env, ev.uuid, ev.inbound_tag) == ("node-b", "prod", "", "")
+    assert (ev.source_id, ev.detail) == ("node-a", o.error)
+    item_at = T0 + 3 * NS_PER_MINUTE + 123_456_789
+    assert ev.collected_at_ns == (None if where == "page" else item_at)
+    assert ev.run_id is not None
+    assert store.integrity_event_counts() == {"node-a": 1}
 
 
 @respx.mock
@@ -466,6 +475,9 @@ def test_a_rejected_item_of_another_node_is_an_identity_failure(store: Store) ->
     assert out["node-a"].status == "failed"
     assert "rejected item" in (out["node-a"].error or "")
     assert out["node-a"].report.new_observations == 0
+    assert [(e.kind, e.node_id) for e in store.iter_integrity_events()] == [
+        ("identity_mismatch", "node-b")
+    ]
 
 
 @respx.mock

@@ -169,13 +169,18 @@ def plan_chunks(since_ns: int, until_ns: int, chunk_ns: int) -> list[tuple[int, 
     return out
 
 
-def _check_identity(source: SourceLike, node_id: str, env: str, what: str) -> None:
+def _check_identity(
+    source: SourceLike, node_id: str, env: str, what: str, collected_at_ns: int | None = None
+) -> None:
     if node_id != source.node_id or env != source.env:
         raise SourceIdentityError(
             source.source_id,
             f"{what} is from node_id '{node_id}' env '{env}' but the registry says node_id "
             f"'{source.node_id}' env '{source.env}'; nothing from it was applied and the "
             "checkpoint did not move (fix the registry entry or the exporter's identity)",
+            node_id=node_id,
+            env=env,
+            collected_at_ns=collected_at_ns,
         )
 
 
@@ -187,6 +192,7 @@ def _check_items(source: SourceLike, items: list[Item], where: str) -> None:
                 item.node_id,
                 item.env,
                 f"{where} item collected at {format_rfc3339_ns(item.collected_at_ns)}",
+                item.collected_at_ns,
             )
 
 
@@ -243,12 +249,16 @@ def iter_source_batches(
                     source.source_id,
                     f"{where} names source_id '{page.source_id}'; nothing from it was applied "
                     "and the checkpoint did not move",
+                    node_id=page.node_id,
+                    env=page.env,
                 )
             _check_items(source, page.items, where)
             for r in page.rejections:
                 # A rejected item still names its node: another node's item is foreign too.
                 if not _rejection_ok(source, r):
-                    _check_identity(source, r.node_id, r.env, f"{where} rejected item")
+                    _check_identity(
+                        source, r.node_id, r.env, f"{where} rejected item", r.collected_at_ns
+                    )
             if page.has_more:
                 if not page.next_cursor:
                     raise ProtocolError(source.source_id, f"{where}: has_more without next_cursor")
@@ -464,6 +474,7 @@ def run_sources(
             abandoned_lock,
             record_checkpoints,
             clock,
+            run_id,
         )
     finally:
         stop.set()
@@ -483,6 +494,7 @@ def _write_loop(
     abandoned_lock: threading.Lock,
     record_checkpoints: bool,
     clock: Callable[[], int],
+    run_id: int,
 ) -> None:
     pending = 0
     for task in tasks:
@@ -524,6 +536,8 @@ def _write_loop(
                 outcome.note = _error_text(msg.error)
             else:
                 _fail(outcome, msg.error, abandoned, abandoned_lock)
+                if isinstance(msg.error, SourceIdentityError):
+                    _record_identity_mismatch(store, outcome, msg.error, run_id)
                 if not isinstance(msg.error, BillingError):
                     log.debug("internal error pulling %s", msg.source_id, exc_info=msg.error)
         outcome.finished_at_ns = clock()
@@ -554,6 +568,25 @@ def _fail(
     outcome.error = _error_text(exc)
     with abandoned_lock:
         abandoned.add(outcome.source_id)
+
+
+def _record_identity_mismatch(
+    store: Store, outcome: SourceOutcome, exc: SourceIdentityError, run_id: int
+) -> None:
+    """An exporter answering for another node is an integrity event (DESIGN §6), not only
+    a failed run: it stays listed until someone acknowledges it (``billing integrity``)."""
+    try:
+        store.record_integrity_event(
+            "identity_mismatch",
+            node_id=exc.node_id,
+            env=exc.env,
+            collected_at_ns=exc.collected_at_ns,
+            source_id=outcome.source_id,
+            run_id=run_id,
+            detail=outcome.error or _error_text(exc),
+        )
+    except BillingError as err:
+        log.warning("could not record the identity mismatch of %s: %s", outcome.source_id, err)
 
 
 def _record(store: Store, outcome: SourceOutcome, task: PullTask[S]) -> None:
