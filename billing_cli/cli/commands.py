@@ -10,10 +10,21 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from billing_cli.cli import collect, demo, ingest, ledger, reconcile, sources, status, usage
+    from billing_cli.cli import (
+        collect,
+        demo,
+        ingest,
+        integrity,
+        ledger,
+        reconcile,
+        sources,
+        status,
+        usage,
+    )
 
     app.command("collect", help=collect.HELP)(collect.collect_command)
     app.command("status", help=status.HELP)(status.status_command)
+    app.add_typer(integrity.app, name="integrity")
     app.command("reconcile", help=reconcile.HELP)(reconcile.reconcile_command)
     app.add_typer(sources.app, name="sources")
     app.command("ingest", help=ingest.HELP)(ingest.ingest_command)
