@@ -58,7 +58,9 @@ def db(db_url: str) -> str:
         store.apply(Batch([_item(T0, 0), _item(T0 + M, 100)], run, PRICING, "a"))
         rej = Rejection(T0 + M, "node-a", "prod", "u2", "vmess", "uplink_bytes_total: not an int")
         store.apply(Batch([_item(T0 + M, 999)], run, PRICING, "a", rejections=[rej]))
-        store.record_integrity_event("identity_mismatch", node_id="imp", env="prod", detail="x")
+        store.record_integrity_event(
+            "identity_mismatch", node_id="imp", env="prod", detail="page from [/] [bold]x"
+        )
     finally:
         store.close()
     return db_url
@@ -114,6 +116,7 @@ def test_list_shows_apply_events_with_every_field(cli: CliRunnerFn, db: str) -> 
         assert str(r["id"]) in res.stdout
     assert "conflict" in res.stdout
     assert "identity_mismatch" in res.stdout
+    assert "page from [/] [bold]x" in res.stdout  # exporter text is not rich markup
 
 
 def test_ack_changes_status_counts_and_list(cli: CliRunnerFn, db: str, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Annotated
 import click
 import orjson
 import typer
+from rich.markup import escape
 
 from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns, now_ns
@@ -82,7 +83,12 @@ def event_json(e: IntegrityEvent) -> dict[str, Cell | None]:
 def _table_rows(events: Iterable[IntegrityEvent]) -> Iterator[dict[str, Cell]]:
     for e in events:
         row = event_json(e)
-        yield {c: "" if (v := row[c]) is None else v for c in TABLE_COLUMNS}
+        # The table renders cells as rich markup; details quote exporter data ("[/]" in a
+        # uuid or an error) that must print literally, not restyle or break the table.
+        yield {
+            c: "" if (v := row[c]) is None else escape(v) if isinstance(v, str) else v
+            for c in TABLE_COLUMNS
+        }
 
 
 def _print_json(payload: object) -> None:
