@@ -113,7 +113,7 @@ class PullSettings:
     page_limit: int = 1000
     # Items per request are also capped so one page holds about this many samples: memory
     # is bounded by a few pages whatever the window or the fleet's series count.
-    page_samples: int = 16_000
+    page_samples: int = 48_000
     budget_s: float = 300.0
     collect_bucket_changes: bool = False
 
@@ -421,7 +421,8 @@ def run_sources(
     if not tasks:
         return outcomes
     # Bounded: a fast exporter cannot run ahead of the writer by more than a few pages.
-    inbox: queue.Queue[_Msg] = queue.Queue(maxsize=max(2, concurrency))
+    # Peak memory is about (concurrency + 2 + 1) pages, whatever the window.
+    inbox: queue.Queue[_Msg] = queue.Queue(maxsize=2)
     abandoned: set[str] = set()  # sources the writer failed; their workers stop early
     abandoned_lock = threading.Lock()
     stop = threading.Event()  # the writer gave up (interrupt, bug): workers must not block
