@@ -127,10 +127,17 @@ def floor(args: argparse.Namespace) -> int:
 # --- the collect process --------------------------------------------------------------
 
 COLLECT = """
-import json, resource, sys, time
+import json, os, resource, sys, time
 from billing_cli.cli.app import run
 t0 = time.perf_counter()
-code = run(sys.argv[1:])
+profile = os.environ.get("BENCH_PROFILE_DIR")
+if profile:  # BENCH_PROFILE_DIR=/tmp/p: one cProfile file per collect process
+    import cProfile
+    prof = cProfile.Profile()
+    code = prof.runcall(run, sys.argv[1:])
+    prof.dump_stats(os.path.join(profile, f"collect-{os.getpid()}.prof"))
+else:
+    code = run(sys.argv[1:])
 wall = time.perf_counter() - t0
 print(json.dumps({"code": code, "wall_s": wall,
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),
