@@ -6,11 +6,13 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from conftest import CliResult, CliRunnerFn
 from simfleet import DEFAULT_PRICING, SimFleet
 
@@ -139,3 +141,32 @@ def dump_sqlite(path: str) -> dict[str, list[tuple[Any, ...]]]:
         return {n: sorted(con.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
     finally:
         con.close()
+
+
+MakeEnv = Callable[..., Env]
+
+
+@pytest.fixture
+def make(  # the collect/reconcile tests import it, with simfleet's sim_fleet
+    sim_fleet: Callable[..., SimFleet],
+    cli: CliRunnerFn,
+    tmp_path: Path,
+) -> Iterator[MakeEnv]:
+    envs: list[Env] = []
+
+    def factory(*, defaults: str = "", db: str | None = None, **kw: Any) -> Env:
+        kw.setdefault("end_ns", fleet_end_ns())
+        sim = sim_fleet(**kw)
+        env = make_env(sim, cli, db or str(tmp_path / f"billing{len(envs)}.db"), defaults=defaults)
+        envs.append(env)
+        return env
+
+    yield factory
+    for env in envs:
+        env.check_no_secrets()
+
+
+def only(doc: dict[str, Any], source_id: str = "node-01") -> dict[str, Any]:
+    rows = [s for s in doc["sources"] if s["source_id"] == source_id]
+    assert len(rows) == 1, doc
+    return rows[0]

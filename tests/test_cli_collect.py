@@ -8,7 +8,7 @@ captured output line or in the database file.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ import pytest
 import trustme
 from _collect_support import (
     Env,
+    MakeEnv,
     assert_no_secrets,
     expected_usage,
     fleet_end_ns,
-    make_env,
+    make,  # noqa: F401  (fixture)
+    only,
     store_usage,
     usage_rows,
 )
@@ -35,34 +37,6 @@ from billing_cli.store.base import Batch, CheckpointAdvance
 # Tests that advance the simulated fleet need the overlap to reach back over its history
 # (the simulator's new minutes are a little in the past, see _collect_support.HEADROOM_MIN).
 WIDE_OVERLAP = 'overlap = "45m"'
-
-MakeEnv = Callable[..., Env]
-
-
-@pytest.fixture
-def make(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
-    cli: CliRunnerFn,
-    tmp_path: Path,
-) -> Iterator[MakeEnv]:
-    envs: list[Env] = []
-
-    def factory(*, defaults: str = "", db: str | None = None, **kw: Any) -> Env:
-        kw.setdefault("end_ns", fleet_end_ns())
-        sim = sim_fleet(**kw)
-        env = make_env(sim, cli, db or str(tmp_path / f"billing{len(envs)}.db"), defaults=defaults)
-        envs.append(env)
-        return env
-
-    yield factory
-    for env in envs:
-        env.check_no_secrets()
-
-
-def only(doc: dict[str, Any], source_id: str = "node-01") -> dict[str, Any]:
-    rows = [s for s in doc["sources"] if s["source_id"] == source_id]
-    assert len(rows) == 1, doc
-    return rows[0]
 
 
 def all_items(env: Env, node_id: str = "node-01") -> dict[str, int]:
@@ -443,7 +417,7 @@ def test_mtls_collect_on_both_backends(make: MakeEnv, db_url: str) -> None:
 
 
 def test_legacy_exporter_base_url_latest_shim(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    sim_fleet: Callable[..., SimFleet],
     cli: CliRunnerFn,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

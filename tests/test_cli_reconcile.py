@@ -8,54 +8,24 @@ unchanged row for row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from _collect_support import (
     Env,
+    MakeEnv,
     dump_sqlite,
     expected_usage,
-    fleet_end_ns,
-    make_env,
+    make,  # noqa: F401  (fixture)
+    only,
     store_usage,
     usage_rows,
 )
-from conftest import CliRunnerFn
 from simfleet import SimFleet, sim_fleet  # noqa: F401  (fixture)
 
 from billing_cli._time import NS_PER_MINUTE, NS_PER_SECOND, format_rfc3339_ns, minute_floor_ns
 from billing_cli.store import open_store
 from billing_cli.store.base import RowFilter
-
-MakeEnv = Callable[..., Env]
-
-
-@pytest.fixture
-def make(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
-    cli: CliRunnerFn,
-    tmp_path: Path,
-) -> Iterator[MakeEnv]:
-    envs: list[Env] = []
-
-    def factory(*, defaults: str = "", db: str | None = None, **kw: Any) -> Env:
-        kw.setdefault("end_ns", fleet_end_ns())
-        sim = sim_fleet(**kw)
-        env = make_env(sim, cli, db or str(tmp_path / f"billing{len(envs)}.db"), defaults=defaults)
-        envs.append(env)
-        return env
-
-    yield factory
-    for env in envs:
-        env.check_no_secrets()
-
-
-def only(doc: dict[str, Any], source_id: str = "node-01") -> dict[str, Any]:
-    rows = [s for s in doc["sources"] if s["source_id"] == source_id]
-    assert len(rows) == 1, doc
-    return rows[0]
 
 
 def _late_item_outside_overlap(env: Env) -> int:

@@ -84,7 +84,7 @@ def _check(sim: SimFleet, db: str, results: list[tuple[int, dict[str, object], s
 
 @pytest.mark.slow
 def test_two_processes_on_one_sqlite_database(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    sim_fleet: Callable[..., SimFleet],
     tmp_path: Path,
 ) -> None:
     sim = sim_fleet(nodes=NODES, series=20, minutes=20, end_ns=fleet_end_ns(), bearer=True)
@@ -97,7 +97,7 @@ def test_two_processes_on_one_sqlite_database(
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_two_processes_on_one_postgres_database(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    sim_fleet: Callable[..., SimFleet],
     postgres_url: str,
     tmp_path: Path,
 ) -> None:
@@ -108,7 +108,7 @@ def test_two_processes_on_one_postgres_database(
 
 @pytest.mark.slow
 def test_killed_collect_leaves_a_consistent_store_and_no_stale_lock(
-    sim_fleet: Callable[..., SimFleet],  # noqa: F811
+    sim_fleet: Callable[..., SimFleet],
     tmp_path: Path,
 ) -> None:
     """SIGKILL a collect in the middle of its pages; the next run gives exact totals."""
