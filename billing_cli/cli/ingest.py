@@ -26,7 +26,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from billing_cli._errors import IdentityMismatchError, InputError
+from billing_cli._errors import IdentityMismatchError, InputError, StoreError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.core.money import format_amount
@@ -320,10 +320,12 @@ def _finish(store: Store, run_id: int, outcome: str) -> None:
         # Ingest runs are recorded in ``runs`` only, not per source: a manual ingest must
         # not make a failing source look freshly collected in ``billing status``.
         store.finish_run(run_id, outcome, {})
-    except Exception:
+    except StoreError as exc:
         if outcome == "ok":
             raise
-        log.debug("could not record the failed ingest run", exc_info=True)
+        # The ingest is already failing with its own error (re-raised by the caller); the
+        # applied batches stay committed, only the run row keeps no outcome. Say so.
+        log.warning("ingest run %d could not be marked failed: %s", run_id, exc.message)
 
 
 def _progress(app: AppContext, total: int) -> Progress | None:
