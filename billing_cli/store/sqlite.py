@@ -11,6 +11,7 @@ FULL's per-commit fsync is not worth its cost on the ingest hot path.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
@@ -21,6 +22,27 @@ from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, Sql
 
 # SQLite's default limit of host parameters per statement is 32766.
 _MAX_PARAMS = 30000
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch a new database file to WAL, waiting out concurrent first opens.
+
+    The journal mode is stored in the file, so only the first open of a new database
+    switches it; that switch needs an exclusive lock for which SQLite does not call the
+    busy handler. Two cron runs (or ``status`` beside the first ``collect``) opening a new
+    file together would otherwise fail with "database is locked".
+    """
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 class SQLiteDialect(Dialect):
@@ -36,7 +58,7 @@ class SQLiteDialect(Dialect):
         self.conn = conn
         conn.execute("PRAGMA busy_timeout = 30000")
         if path != ":memory:":
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         # Pages of one apply touch the b-tree leaves of every active series; a 64 MiB page
         # cache (default 2 MiB) keeps them resident instead of re-reading them per page.
@@ -47,9 +69,8 @@ class SQLiteDialect(Dialect):
         # many commits (12% fewer bytes written, ~10% faster ingest at 16k-sample pages).
         # The WAL file is on disk, not in memory; it is checkpointed and removed on close.
         conn.execute("PRAGMA wal_autocheckpoint = 65536")
-        # The version table is created through sqlite-utils; migrations then run as
-        # explicit DDL inside one transaction (see SqlStore._migrate).
-        self.db.table("schema_version").create({"version": int}, if_not_exists=True)
+        # The version table and the schema are created by SqlStore._migrate, inside one
+        # BEGIN IMMEDIATE transaction: concurrent first opens wait for each other there.
         self._dry = False
 
     def q(self, sql: str) -> str:
