@@ -24,6 +24,13 @@ class Posting(NamedTuple):
     amount_nano: int
 
 
+def first_charge(new: Rating) -> Posting | None:
+    """:func:`next_posting` for a bucket never posted (revision 0), without its checks."""
+    if new.rated_bytes == 0 and new.amount_nano == 0:
+        return None
+    return Posting("charge", 0, new.rated_bytes, new.amount_nano)
+
+
 def next_posting(
     current_rated_bytes: int, current_amount_nano: int, current_revision: int, new: Rating
 ) -> Posting | None:
@@ -38,9 +45,7 @@ def next_posting(
     if current_revision == 0:
         if current_rated_bytes or current_amount_nano:
             raise ValueError("a bucket without postings must have zero posted sums")
-        if new.rated_bytes == 0 and new.amount_nano == 0:
-            return None
-        return Posting("charge", 0, new.rated_bytes, new.amount_nano)
+        return first_charge(new)
     d_bytes = new.rated_bytes - current_rated_bytes
     d_amount = new.amount_nano - current_amount_nano
     if d_bytes == 0 and d_amount == 0:

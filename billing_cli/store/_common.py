@@ -993,8 +993,11 @@ class SqlStore:
         # Without an included quota every bucket rates on its own (the hot path): the
         # amount is Rater.amount_nano inlined — the bucket's charged bytes times one
         # cached exact fraction, rounded once, half-even (tests/test_rating_fast.py).
-        next_posting, factor, new_rating = ledger.next_posting, rater.factor, rating.Rating
+        next_posting, first_charge = ledger.next_posting, ledger.first_charge
+        factor, new_rating = rater.factor, rating.Rating
         charge, free = pricing.charge, rater.free
+        # Without peak windows the factor is one per series: looked up once per series.
+        per_series: dict[int, tuple[int, int]] | None = None if rater.time_dependent else {}
         append = out.append
         postings = adjustments = adjustment_amount = charged = 0
         for b in buckets:
@@ -1009,12 +1012,21 @@ class SqlStore:
             if cb == 0 or free:
                 amount = 0
             else:
-                num, den = factor(b.key, b.start)
+                if per_series is None:
+                    num, den = factor(b.key, b.start)
+                else:
+                    f = per_series.get(b.series_id)
+                    if f is None:
+                        f = per_series[b.series_id] = factor(b.key, b.start)
+                    num, den = f
                 amount, rem = divmod(cb * num, den)
                 twice = rem + rem
                 if twice > den or (twice == den and amount & 1):
                     amount += 1
-            p = next_posting(b.rated, b.amount, b.revision, new_rating(cb, amount))
+            if b.revision == 0:
+                p = first_charge(new_rating(cb, amount))
+            else:
+                p = next_posting(b.rated, b.amount, b.revision, new_rating(cb, amount))
             if p is None:
                 continue
             append((b, p))
