@@ -30,7 +30,7 @@ credential_ref = "env:A"
 
 def command_paths() -> Iterator[tuple[str, ...]]:
     """Every command and group of the real command tree, including ones added later."""
-    root = typer.main.get_command(app_module.app)
+    root = typer.main.get_command(app_module.full_app())
 
     def walk(cmd: click.Command, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         yield path

@@ -20,7 +20,7 @@ import click
 import pytest
 import typer.main
 
-from billing_cli.cli.app import app
+from billing_cli.cli.app import full_app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -36,7 +36,7 @@ _GLOBAL_WITH_VALUE = {"--registry", "--db", "--log-format"}
 
 @cache
 def root() -> click.Group:
-    cmd = typer.main.get_command(app)
+    cmd = typer.main.get_command(full_app())
     assert isinstance(cmd, click.Group)
     return cmd
 

@@ -15,6 +15,7 @@ import typer
 
 from billing_cli import __version__
 from billing_cli._errors import BillingError, ExitCode
+from billing_cli.cli import commands
 from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, resolve_db_url
 from billing_cli.cli._logging import setup_logging
 
@@ -108,13 +109,26 @@ def _global(
     )
 
 
-def _register_commands() -> None:
-    from billing_cli.cli import commands
-
+def full_app() -> typer.Typer:
+    """The application with every sub-command registered (help, docs, tests)."""
     commands.register(app)
+    return app
 
 
-_register_commands()
+def _command_name(args: Sequence[str]) -> str | None:
+    """The sub-command named on a hoisted line (global options come first), if any."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _GLOBAL_WITH_VALUE:
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        return arg
+    return None
+
 
 # Global options accepted after the sub-command too (``billing sources list --registry x``):
 # they are moved in front of the sub-command before click parses the line.
@@ -154,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(args: Sequence[str]) -> int:
     """Run the CLI and return the exit code; the single place failures become messages."""
+    name = _command_name(args)
+    # `billing`, `billing --help` or a typo list every command; otherwise only the named
+    # one is imported.
+    commands.register(app, [name] if name in commands.COMMANDS else None)
     command = typer.main.get_command(app)
     try:
         # Invoked directly rather than through click's ``main()``: that one turns a closed

@@ -2,32 +2,46 @@
 
 The order here is the order ``billing --help`` lists them: the daily job first, then
 monitoring and repair, then the registry, then data in and out.
+
+Registration is lazy: ``billing collect`` runs from cron every minute and should not pay
+for importing every other command (the registry editor, the simulator, ...). ``run``
+registers only the command named on the line; help and unknown names register all.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
+# name -> (module under billing_cli.cli, "command" function name or "group" Typer app)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("collect", "collect_command"),
+    "status": ("status", "status_command"),
+    "integrity": ("integrity", "app"),
+    "reconcile": ("reconcile", "reconcile_command"),
+    "sources": ("sources", "app"),
+    "ingest": ("ingest", "ingest_command"),
+    "usage": ("usage", "usage_command"),
+    "ledger": ("ledger", "ledger_command"),
+    "demo": ("demo", "demo_command"),
+}
 
-def register(app: typer.Typer) -> None:
-    from billing_cli.cli import (
-        collect,
-        demo,
-        ingest,
-        integrity,
-        ledger,
-        reconcile,
-        sources,
-        status,
-        usage,
-    )
 
-    app.command("collect", help=collect.HELP)(collect.collect_command)
-    app.command("status", help=status.HELP)(status.status_command)
-    app.add_typer(integrity.app, name="integrity")
-    app.command("reconcile", help=reconcile.HELP)(reconcile.reconcile_command)
-    app.add_typer(sources.app, name="sources")
-    app.command("ingest", help=ingest.HELP)(ingest.ingest_command)
-    app.command("usage", help=usage.HELP)(usage.usage_command)
-    app.command("ledger", help=ledger.HELP)(ledger.ledger_command)
-    app.command("demo", help=demo.HELP)(demo.demo_command)
+def register(app: typer.Typer, names: list[str] | None = None) -> None:
+    """Add the named commands (all when ``names`` is None) in their listing order; a
+    command already registered is left alone."""
+    done = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    for name, (module_name, attr) in COMMANDS.items():
+        if name in done or (names is not None and name not in names):
+            continue
+        module = importlib.import_module(f"billing_cli.cli.{module_name}")
+        target = getattr(module, attr)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name, help=module.HELP)(target)
+    # Registered one by one across runs in one process (tests): keep the listing order.
+    order = list(COMMANDS)
+    app.registered_commands.sort(key=lambda c: order.index(c.name or ""))
+    app.registered_groups.sort(key=lambda g: order.index(g.name or ""))
