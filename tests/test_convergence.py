@@ -195,7 +195,14 @@ def check(fleet: Fleet, rnd: random.Random, pricing: Pricing, make: Any) -> None
 
     # A dry run of more deliveries (even new data) leaves every table as it was.
     db = cast(SqlStore, messy).db
-    tables = ["series", "observations", "buckets", "uuid_period_usage", "ledger_postings"]
+    tables = [
+        "series",
+        "observations",
+        "buckets",
+        "uuid_period_usage",
+        "ledger_postings",
+        "item_digests",
+    ]
     snapshot = {t: sorted(map(tuple, db.execute(f"SELECT * FROM {t}")), key=repr) for t in tables}
     with messy.dry_run():
         later = [it._replace(collected_at_ns=it.collected_at_ns + 3600 * S) for it in fleet.items]
@@ -236,7 +243,7 @@ PG_URL = os.environ.get("BILLING_TEST_POSTGRES_URL")
 TABLES = (
     "series, observations, buckets, uuid_period_usage, ledger_postings, source_checkpoints, runs,"
     " run_sources,"
-    " integrity_events"
+    " integrity_events, item_digests"
 )
 
 

@@ -2,13 +2,15 @@
 
 Pages naming many series of one node take SQLite's series range scan (``scan_series``,
 at least ``_SCAN_MIN`` keys of one node/env); overlap re-deliveries are dropped by the
-exact-key duplicate check. Both are compared with the same deliveries applied through
-the key-set join (``scan_series`` off) and with one clean in-order delivery.
+exact-key duplicate check when the item digests (tests/test_store_item_digests.py) do not
+already recognise them. Both are compared with the same deliveries applied through the
+key-set join (``scan_series`` off) and with one clean in-order delivery.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -16,7 +18,7 @@ from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.core.types import Item, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store
-from billing_cli.store._common import _SCAN_MIN
+from billing_cli.store._common import _SCAN_MIN, SqlStore
 from billing_cli.store.base import Batch, RowFilter, Store
 
 P = Pricing(price_per_unit="0.05", unit="GB", rule_version="t")
@@ -88,6 +90,8 @@ def test_scan_and_duplicate_paths_match_keyset_and_clean(tmp_path: Path) -> None
     fast = open_store(str(tmp_path / "fast.db"))
     slow = open_store(str(tmp_path / "slow.db"))
     slow.db.scan_series = False  # type: ignore[attr-defined]
+    for s in (fast, slow):  # these paths are reached only without the item digests
+        cast(SqlStore, s).remember_items_ns = None
     assert fast.db.scan_series is True  # type: ignore[attr-defined]
     try:
         counts_fast = _deliver(fast, _pages())
@@ -102,12 +106,17 @@ def test_scan_and_duplicate_paths_match_keyset_and_clean(tmp_path: Path) -> None
         slow.close()
 
 
+@pytest.mark.parametrize("remember", [True, False], ids=["digests", "exact-key"])
 @pytest.mark.parametrize("scan", [True, False])
-def test_overlap_redelivery_equals_clean_delivery(tmp_path: Path, scan: bool) -> None:
+def test_overlap_redelivery_equals_clean_delivery(
+    tmp_path: Path, scan: bool, remember: bool
+) -> None:
     series = range(_SCAN_MIN + 1)
     clean = open_store(str(tmp_path / "clean.db"))
     replay = open_store(str(tmp_path / "replay.db"))
     replay.db.scan_series = scan  # type: ignore[attr-defined]
+    if not remember:  # the exact-key duplicate check instead of the item digests
+        cast(SqlStore, replay).remember_items_ns = None
     try:
         _deliver(clean, [[_item(m, series) for m in range(10)]])
         counts = _deliver(

@@ -15,6 +15,7 @@ per sample.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -23,11 +24,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
+import orjson
+
 from billing_cli._errors import StoreError
 from billing_cli._time import NS_PER_SECOND, now_ns
 from billing_cli.core import ledger, rating
 from billing_cli.core.metering import diff_series, minute_of
-from billing_cli.core.types import Observation, SeriesKey
+from billing_cli.core.types import Item, Observation, SeriesKey
 from billing_cli.pricing import Pricing
 from billing_cli.store.base import (
     ApplyReport,
@@ -119,6 +122,28 @@ class Dialect(ABC):
         """Serialise concurrent first-use migrations (inside the migration transaction)."""
 
 
+# Items this close to the newest item of their node in a batch get their digest stored:
+# the part the next pull's overlap (default 2 minutes) re-delivers. Older items are not
+# remembered; re-delivered, they take the exact per-observation path (same result).
+REMEMBER_ITEMS_NS = 10 * 60 * NS_PER_SECOND
+
+_ItemKey = tuple[int, str, str]  # (collected_at_ns, node_id, env)
+
+
+def _item_digest(item: Item) -> bytes | None:
+    """A collision-resistant digest of an item's content: epoch and every sample, in order.
+
+    Equal digests mean equal content; an item re-sent in another sample order just misses
+    the shortcut. Column-wise (``zip``) so serialising needs no Python call per sample.
+    None for content no store can hold (a counter beyond 64 bits): the apply refuses it.
+    """
+    try:
+        body = orjson.dumps([item.counter_epoch, *zip(*item.samples, strict=True)])
+    except TypeError:
+        return None
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
 def _late_row(series_id: int, obs: list[Observation]) -> Row:
     ts = [o.collected_at_ns for o in obs]
     return (series_id, min(ts), max(ts))
@@ -206,6 +231,14 @@ _SERIES_COLS = (
 )
 
 
+def _series_of(r: Row) -> _Series:
+    """A ``_SERIES_COLS`` row as a ``_Series`` (both drivers return Python ints), built
+    without the NamedTuple constructors: this runs once per series per page."""
+    key = _tuple_new(SeriesKey, r[1:5])
+    head = None if r[6] is None else _tuple_new(Observation, r[6:10])
+    return _tuple_new(_Series, (r[0], r[5], head, key))
+
+
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while a page is applied.
@@ -229,6 +262,10 @@ def _period_end_ns(period_start: int, pricing: Pricing) -> int:
 
 class SqlStore:
     """The :class:`~billing_cli.store.base.Store` implementation for both back ends."""
+
+    # How far before the newest item of its node an item still gets its digest stored;
+    # None: never (the tests compare both ways).
+    remember_items_ns: int | None = REMEMBER_ITEMS_NS
 
     def __init__(self, db: Dialect, url_for_display: str) -> None:
         self.db = db
@@ -599,9 +636,8 @@ class SqlStore:
         def load(keys: Sequence[RawKey]) -> dict[RawKey, _Series]:
             found: dict[RawKey, _Series] = {}
             for r in self._keyset_query(sql, "k", cols, keys):
-                head = None if r[6] is None else Observation(int(r[6]), int(r[7]), int(r[8]), r[9])
-                key = SeriesKey(r[1], r[2], r[3], r[4])
-                found[key] = _Series(int(r[0]), r[5], head, key)
+                row = _series_of(r)
+                found[row.key] = row
             return found
 
         series: dict[RawKey, _Series] = {}
@@ -626,14 +662,9 @@ class SqlStore:
                     continue
                 scanned.add((node, env))
                 for r in rows:
-                    key = SeriesKey(r[1], r[2], r[3], r[4])
-                    if key in per_key:
-                        head = (
-                            None
-                            if r[6] is None
-                            else Observation(int(r[6]), int(r[7]), int(r[8]), r[9])
-                        )
-                        series[key] = _Series(int(r[0]), r[5], head, key)
+                    if r[1:5] in per_key:
+                        row = _series_of(r)
+                        series[row.key] = row
             if scanned:
                 rest = [k for k in per_key if (k[0], k[1]) not in scanned]
         if rest:
@@ -761,10 +792,63 @@ class SqlStore:
         cols: list[KeyCol] = [("sid", "bigint"), ("m", "bigint")]
         return {(int(r[0]), int(r[1])): r for r in self._keyset_query(sql, "k", cols, wanted)}
 
+    def _skip_applied_items(
+        self, items: list[Item]
+    ) -> tuple[list[Item], int, dict[_ItemKey, bytes]]:
+        """Drop items already applied whole with identical content.
+
+        An ``item_digests`` row is written only in the transaction that stored every
+        observation of that exact content, and observations are never changed or removed,
+        so an item whose digest matches is all duplicates: applying it again would change
+        nothing and count each sample as a duplicate — which is what the caller reports.
+        That is the overlap every pull re-delivers, recognised without reading it back.
+
+        Returns the items to apply, the samples skipped, and the digests to remember once
+        the kept items are applied (recent items only, see :attr:`remember_items_ns`).
+        """
+        horizon = self.remember_items_ns
+        # The earliest collected_at remembered, per (node_id, env).
+        since: dict[tuple[str, str], int] = {}
+        for it in items:
+            k = (it.node_id, it.env)
+            if it.collected_at_ns > since.get(k, -1):
+                since[k] = it.collected_at_ns
+        for k, newest in since.items():
+            since[k] = newest + 1 if horizon is None else newest - horizon
+        keys = list(dict.fromkeys((it.collected_at_ns, it.node_id, it.env) for it in items))
+        sql = (
+            "SELECT d.collected_at_ns, d.node_id, d.env, d.digest FROM k JOIN item_digests d"
+            " ON d.collected_at_ns = k.t AND d.node_id = k.node_id AND d.env = k.env"
+        )
+        cols: list[KeyCol] = [("t", "bigint"), ("node_id", "text"), ("env", "text")]
+        stored = {
+            (int(r[0]), r[1], r[2]): bytes(r[3]) for r in self._keyset_query(sql, "k", cols, keys)
+        }
+        kept: list[Item] = []
+        skipped = 0
+        remember: dict[_ItemKey, bytes] = {}
+        for it in items:
+            key = (it.collected_at_ns, it.node_id, it.env)
+            known = stored.get(key)
+            recent = it.collected_at_ns >= since[(it.node_id, it.env)]
+            if known is None and not recent:
+                kept.append(it)
+                continue
+            digest = _item_digest(it)
+            if digest is not None and digest == known:
+                skipped += len(it.samples)
+                continue
+            kept.append(it)
+            if recent and digest is not None:
+                remember[key] = digest
+        return kept, skipped, remember
+
     def _apply(self, batch: Batch) -> ApplyReport:
         now = now_ns()
         run_id, source_id = batch.run_id, batch.source_id
         report = ApplyReport(items=len(batch.items), rejected=len(batch.rejections))
+        items, skipped, remember = self._skip_applied_items(batch.items)
+        report.duplicates += skipped
         events: list[Row] = [
             (
                 "rejected",
@@ -784,9 +868,9 @@ class SqlStore:
         # 1. Group the page by series (delivery order kept: the first value wins).
         per_key: dict[RawKey, list[Observation]] = {}
         emails: dict[RawKey, str] = {}
-        samples = 0
+        samples = skipped
         get = per_key.get
-        for item in batch.items:
+        for item in items:
             t, ep, node, env = item.collected_at_ns, item.counter_epoch, item.node_id, item.env
             samples += len(item.samples)
             for uuid, email, tag, up, down in item.samples:
@@ -802,6 +886,17 @@ class SqlStore:
 
         if per_key:
             self._apply_observations(batch, per_key, emails, report, events, now)
+        if remember:
+            # An item with a conflicting sample is not stored whole: never remembered.
+            for e in events:
+                if e[0] == "conflict":
+                    remember.pop((e[5], e[1], e[2]), None)
+            self.db.executemany(
+                "INSERT INTO item_digests (collected_at_ns, node_id, env, digest)"
+                " VALUES (?,?,?,?) ON CONFLICT (collected_at_ns, node_id, env)"
+                " DO UPDATE SET digest = excluded.digest",
+                [(*k, d) for k, d in remember.items()],
+            )
 
         if events:
             self.db.executemany(_EVENT_SQL, events)
@@ -859,7 +954,7 @@ class SqlStore:
         maybe_existing: list[Row] = []
         for raw, obs in per_key.items():
             sid, _, head, key = series[raw]
-            window = windows.get(sid)
+            window = windows.get(sid) if windows else None
             if window is None:
                 window = [head] if head is not None else []
             d = diff_series(window, obs)
@@ -873,7 +968,7 @@ class SqlStore:
                 head_rows.append(
                     (h.collected_at_ns, h.uplink_total, h.downlink_total, h.counter_epoch, sid)
                 )
-            head_minute = minute_of(head.collected_at_ns) if head is not None else None
+            head_minute = None if head is None else minute_of(head.collected_at_ns)
             for m, (du, dd) in d.bucket_deltas.items():
                 changes.append((sid, key, m, du, dd))
                 # A bucket can only exist at or before the head's minute.
