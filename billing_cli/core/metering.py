@@ -93,6 +93,9 @@ class SeriesDiff(NamedTuple):
     new_head: Observation | None  # the latest observation when it moved, else None
 
 
+_tuple_new = tuple.__new__
+
+
 def _time_of(o: Observation) -> int:
     return o.collected_at_ns
 
@@ -150,7 +153,7 @@ def _append_only(
         if o.collected_at_ns <= last_t:
             return None
         last_t = o.collected_at_ns
-    acc: dict[int, list[int]] = {}
+    acc: dict[int, tuple[int, int]] = {}
     anomalies: list[Anomaly] = []
     for cur in new_obs:
         if prev is not None:
@@ -168,20 +171,11 @@ def _append_only(
             if du or dd:
                 m = t - t % NS_PER_MINUTE
                 slot = acc.get(m)
-                if slot is None:
-                    acc[m] = [du, dd]
-                else:
-                    slot[0] += du
-                    slot[1] += dd
+                acc[m] = (du, dd) if slot is None else (slot[0] + du, slot[1] + dd)
         prev = cur
-    return SeriesDiff(
-        {m: (u, d) for m, (u, d) in acc.items()},
-        list(new_obs),
-        0,
-        [],
-        anomalies,
-        new_obs[-1],
-    )
+    # Built without the NamedTuple constructor: this runs once per series per page.
+    inserted = new_obs if isinstance(new_obs, list) else list(new_obs)
+    return _tuple_new(SeriesDiff, (acc, inserted, 0, [], anomalies, new_obs[-1]))
 
 
 def diff_series(stored_window: Sequence[Observation], new_obs: Sequence[Observation]) -> SeriesDiff:
