@@ -19,9 +19,12 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
+from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Any, Literal, NamedTuple, cast
 
 import orjson
@@ -163,6 +166,12 @@ class _Series(NamedTuple):
 # but built without a Python-level constructor call on the per-sample path.
 RawKey = tuple[str, str, str, str]
 _tuple_new = tuple.__new__
+_new_observation = partial(_tuple_new, Observation)  # Observation from a 4-tuple, in C
+
+
+def _consume(iterator: Iterator[object]) -> None:
+    """Run an iterator for its side effects at C speed (the itertools 'consume' recipe)."""
+    deque(iterator, maxlen=0)
 
 
 @dataclass(slots=True)
@@ -865,23 +874,25 @@ class SqlStore:
             for r in batch.rejections
         ]
 
-        # 1. Group the page by series (delivery order kept: the first value wins).
-        per_key: dict[RawKey, list[Observation]] = {}
+        # 1. Group the page by series (delivery order kept: the first value wins). Column
+        # by column with zip/map, so the per-sample work runs in C: this touches every
+        # sample of the page.
+        grouped: defaultdict[RawKey, list[Observation]] = defaultdict(list)
         emails: dict[RawKey, str] = {}
         samples = skipped
-        get = per_key.get
         for item in items:
-            t, ep, node, env = item.collected_at_ns, item.counter_epoch, item.node_id, item.env
+            if not item.samples:
+                continue
             samples += len(item.samples)
-            for uuid, email, tag, up, down in item.samples:
-                key = (node, env, uuid, tag)
-                obs = _tuple_new(Observation, (t, up, down, ep))
-                lst = get(key)
-                if lst is None:
-                    per_key[key] = [obs]
-                else:
-                    lst.append(obs)
-                emails[key] = email
+            uuids, mails, tags, ups, downs = zip(*item.samples, strict=True)
+            keys = list(zip(repeat(item.node_id), repeat(item.env), uuids, tags, strict=False))
+            obs = map(
+                _new_observation,
+                zip(repeat(item.collected_at_ns), ups, downs, repeat(item.counter_epoch)),
+            )
+            _consume(map(list.append, map(grouped.__getitem__, keys), obs))
+            emails.update(zip(keys, mails, strict=True))
+        per_key: dict[RawKey, list[Observation]] = dict(grouped)
         report.samples = samples
 
         if per_key:
@@ -959,9 +970,16 @@ class SqlStore:
                 window = [head] if head is not None else []
             d = diff_series(window, obs)
             report.duplicates += d.duplicates
-            obs_rows += [
-                (sid, t, up, down, ep, run_id, source_id) for t, up, down, ep in d.inserted
-            ]
+            if d.inserted:
+                obs_rows.extend(
+                    zip(
+                        repeat(sid),
+                        *zip(*d.inserted, strict=True),
+                        repeat(run_id),
+                        repeat(source_id),
+                        strict=False,
+                    )
+                )
             report.new_observations += len(d.inserted)
             if d.new_head is not None:
                 h = d.new_head
