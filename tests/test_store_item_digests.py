@@ -1,7 +1,8 @@
 """Items already applied whole are recognised by their digest and skipped (item_digests).
 
-The shortcut must be invisible except in speed: the same reports, buckets, ledger and
-integrity events as the exact per-observation path (``remember_items_ns = None``). A
+The shortcut must be invisible except in speed: the same reports, buckets, ledger,
+integrity events and series emails as the exact per-observation path
+(``remember_items_ns = None``). A
 changed item is never skipped, and an item with a conflict is never remembered.
 """
 
@@ -46,7 +47,7 @@ def _counts(r: ApplyReport) -> tuple[int, ...]:
     )
 
 
-def _state(store: Store) -> tuple[list[Any], list[Any], list[Any]]:
+def _state(store: Store) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     usage = [
         (r.node_id, r.uuid, r.bucket_start_ns, r.uplink_bytes, r.downlink_bytes)
         for r in store.iter_usage(RowFilter())
@@ -60,7 +61,13 @@ def _state(store: Store) -> tuple[list[Any], list[Any], list[Any]]:
         (e.kind, e.node_id, e.uuid, e.collected_at_ns, e.detail)
         for e in store.iter_integrity_events(open_only=False)
     )
-    return usage, ledger, events
+    emails = [
+        tuple(r)
+        for r in cast(SqlStore, store).db.execute(
+            "SELECT node_id, uuid, inbound_tag, email FROM series ORDER BY node_id, uuid"
+        )
+    ]
+    return usage, ledger, events, emails
 
 
 def _digests(store: Store) -> list[tuple[int, str]]:
@@ -128,6 +135,53 @@ def test_only_items_near_the_newest_of_their_node_are_remembered(db_url: str) ->
         # an older item replayed takes the exact path and gives the same counts
         r = _apply(store, [_item(0, 5)])
         assert (r.duplicates, r.new_observations) == (5, 0)
+    finally:
+        store.close()
+
+
+def test_items_before_1970_are_applied_beside_others(db_url: str) -> None:
+    store = open_store(db_url)
+    try:
+        early = Item(-3600 * 10**9, "n9", "prod", None, [Sample("u", "", "t", 5, 5)])
+        r = _apply(store, [_item(0, 3), early, _item(1, 3)])
+        assert (r.items, r.new_observations) == (3, 7)
+        assert _apply(store, [early]).duplicates == 1
+    finally:
+        store.close()
+
+
+def _email(store: Store, uuid: str) -> str:
+    rows = cast(SqlStore, store).db.execute("SELECT email FROM series WHERE uuid = ?", (uuid,))
+    return str(rows[0][0])
+
+
+def _one(minute: int, email: str, total: int) -> Item:
+    return Item(
+        T0 + minute * NS_PER_MINUTE, "n1", "prod", "e1", [Sample("u", email, "t", total, 0)]
+    )
+
+
+@pytest.mark.parametrize(
+    "pages",
+    [
+        [[_one(0, "old@x", 1), _one(1, "new@x", 2)], [_one(0, "old@x", 1)]],  # replay
+        [[_one(1, "new@x", 2)], [_one(0, "old@x", 1)]],  # a late item
+        [[_one(1, "new@x", 2), _one(0, "old@x", 1)]],  # one page, out of order
+        [[_one(0, "old@x", 1)], [_one(1, "new@x", 2), _one(0, "old@x", 1)]],
+    ],
+    ids=["replay", "late", "unordered-page", "overlap"],
+)
+@pytest.mark.parametrize("remember", [True, False], ids=["digests", "exact"])
+def test_series_email_is_that_of_its_latest_observation(
+    db_url: str, pages: list[list[Item]], remember: bool
+) -> None:
+    store = open_store(db_url)
+    if not remember:
+        cast(SqlStore, store).remember_items_ns = None
+    try:
+        for page in pages:
+            _apply(store, page)
+        assert _email(store, "u") == "new@x"
     finally:
         store.close()
 

@@ -25,6 +25,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Literal, NamedTuple, cast
 
 import orjson
@@ -686,12 +687,17 @@ class SqlStore:
                 [(*k, emails[k]) for k in missing],
             )
             series.update(load(missing))
+        # A series keeps the email of its latest observation (by collected_at): only a
+        # page that moves the head past the stored one renames, so re-deliveries and late
+        # items never bring an old email back, whatever the delivery order.
         renamed = [
             (emails[k], s.series_id)
             for k, s in series.items()
-            if emails[k] and emails[k] != s.email
+            if emails[k]
+            and emails[k] != s.email
+            and (s.head is None or max(o[0] for o in per_key[k]) > s.head.collected_at_ns)
         ]
-        if renamed:  # keep the latest email an exporter reported for the series
+        if renamed:
             self.db.executemany("UPDATE series SET email = ? WHERE series_id = ?", renamed)
         return series
 
@@ -820,7 +826,7 @@ class SqlStore:
         since: dict[tuple[str, str], int] = {}
         for it in items:
             k = (it.node_id, it.env)
-            if it.collected_at_ns > since.get(k, -1):
+            if k not in since or it.collected_at_ns > since[k]:
                 since[k] = it.collected_at_ns
         for k, newest in since.items():
             since[k] = newest + 1 if horizon is None else newest - horizon
@@ -880,6 +886,7 @@ class SqlStore:
         grouped: defaultdict[RawKey, list[Observation]] = defaultdict(list)
         emails: dict[RawKey, str] = {}
         samples = skipped
+        item_emails: list[tuple[int, list[RawKey], tuple[str, ...]]] = []
         for item in items:
             if not item.samples:
                 continue
@@ -891,6 +898,10 @@ class SqlStore:
                 zip(repeat(item.collected_at_ns), ups, downs, repeat(item.counter_epoch)),
             )
             _consume(map(list.append, map(grouped.__getitem__, keys), obs))
+            item_emails.append((item.collected_at_ns, keys, mails))
+        # A series' email is that of its latest sample in the page (see _load_series).
+        item_emails.sort(key=itemgetter(0))
+        for _, keys, mails in item_emails:
             emails.update(zip(keys, mails, strict=True))
         per_key: dict[RawKey, list[Observation]] = dict(grouped)
         report.samples = samples
