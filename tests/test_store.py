@@ -419,6 +419,36 @@ def test_schema_created_on_first_use_and_reopen_keeps_data(db_url: str) -> None:
     s2.close()
 
 
+def test_a_version_1_database_is_migrated_on_first_use(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing_cli.store import _common, schema
+
+    with monkeypatch.context() as m:  # what the previous release created
+        m.setattr(_common, "SCHEMA_VERSION", 1)
+        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:1])
+        m.setattr(SqlStore, "_skip_applied_items", lambda self, items: (items, 0, {}))
+        s = open_store(db_url)
+        page = [item(T0, ("a", 0, 0)), item(T0 + M, ("a", 7, 0))]
+        s.apply(Batch(page, s.start_run("ingest", []), PRICING))
+        db = cast(SqlStore, s).db
+        assert db.execute("SELECT max(version) FROM schema_version") == [(1,)]
+        s.close()
+    s2 = open_store(db_url)
+    try:
+        db = cast(SqlStore, s2).db
+        assert db.execute("SELECT max(version) FROM schema_version") == [(2,)]
+        assert usage(s2) == [("a", M, 7, 0)]
+        run = s2.start_run("ingest", [])
+        # No digest exists for the old items: the exact path counts them as duplicates...
+        assert s2.apply(Batch(page, run, PRICING)).duplicates == 2
+        # ...and now remembers them.
+        assert db.execute("SELECT count(*) FROM item_digests") == [(2,)]
+        assert usage(s2) == [("a", M, 7, 0)]
+    finally:
+        s2.close()
+
+
 def test_newer_schema_is_refused(db_url: str) -> None:
     s = open_store(db_url)
     db = cast(SqlStore, s).db
