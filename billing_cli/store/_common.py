@@ -241,6 +241,35 @@ _SERIES_COLS = (
 )
 
 
+def _group_by_series(
+    items: list[Item],
+) -> tuple[dict[RawKey, list[Observation]], dict[RawKey, str]]:
+    """The page's observations per series key, in delivery order (the first value seen
+    for a time wins), and each series' email from its latest sample in the page.
+
+    Column by column with zip/map, so the per-sample work runs in C: this touches every
+    sample of the page.
+    """
+    grouped: defaultdict[RawKey, list[Observation]] = defaultdict(list)
+    item_emails: list[tuple[int, list[RawKey], tuple[str, ...]]] = []
+    for item in items:
+        if not item.samples:
+            continue
+        uuids, mails, tags, ups, downs = zip(*item.samples, strict=True)
+        keys = list(zip(repeat(item.node_id), repeat(item.env), uuids, tags, strict=False))
+        obs = map(
+            _new_observation,
+            zip(repeat(item.collected_at_ns), ups, downs, repeat(item.counter_epoch)),
+        )
+        _consume(map(list.append, map(grouped.__getitem__, keys), obs))
+        item_emails.append((item.collected_at_ns, keys, mails))
+    emails: dict[RawKey, str] = {}
+    item_emails.sort(key=itemgetter(0))  # stable: equal times keep delivery order
+    for _, keys, mails in item_emails:
+        emails.update(zip(keys, mails, strict=True))
+    return dict(grouped), emails
+
+
 def _series_of(r: Row) -> _Series:
     """A ``_SERIES_COLS`` row as a ``_Series`` (both drivers return Python ints), built
     without the NamedTuple constructors: this runs once per series per page."""
@@ -822,14 +851,11 @@ class SqlStore:
         the kept items are applied (recent items only, see :attr:`remember_items_ns`).
         """
         horizon = self.remember_items_ns
-        # The earliest collected_at remembered, per (node_id, env).
-        since: dict[tuple[str, str], int] = {}
+        newest: dict[tuple[str, str], int] = {}
         for it in items:
             k = (it.node_id, it.env)
-            if k not in since or it.collected_at_ns > since[k]:
-                since[k] = it.collected_at_ns
-        for k, newest in since.items():
-            since[k] = newest + 1 if horizon is None else newest - horizon
+            if k not in newest or it.collected_at_ns > newest[k]:
+                newest[k] = it.collected_at_ns
         keys = list(dict.fromkeys((it.collected_at_ns, it.node_id, it.env) for it in items))
         sql = (
             "SELECT d.collected_at_ns, d.node_id, d.env, d.digest FROM k JOIN item_digests d"
@@ -845,7 +871,9 @@ class SqlStore:
         for it in items:
             key = (it.collected_at_ns, it.node_id, it.env)
             known = stored.get(key)
-            recent = it.collected_at_ns >= since[(it.node_id, it.env)]
+            recent = (
+                horizon is not None and it.collected_at_ns >= newest[(it.node_id, it.env)] - horizon
+            )
             if known is None and not recent:
                 kept.append(it)
                 continue
@@ -880,36 +908,14 @@ class SqlStore:
             for r in batch.rejections
         ]
 
-        # 1. Group the page by series (delivery order kept: the first value wins). Column
-        # by column with zip/map, so the per-sample work runs in C: this touches every
-        # sample of the page.
-        grouped: defaultdict[RawKey, list[Observation]] = defaultdict(list)
-        emails: dict[RawKey, str] = {}
-        samples = skipped
-        item_emails: list[tuple[int, list[RawKey], tuple[str, ...]]] = []
-        for item in items:
-            if not item.samples:
-                continue
-            samples += len(item.samples)
-            uuids, mails, tags, ups, downs = zip(*item.samples, strict=True)
-            keys = list(zip(repeat(item.node_id), repeat(item.env), uuids, tags, strict=False))
-            obs = map(
-                _new_observation,
-                zip(repeat(item.collected_at_ns), ups, downs, repeat(item.counter_epoch)),
-            )
-            _consume(map(list.append, map(grouped.__getitem__, keys), obs))
-            item_emails.append((item.collected_at_ns, keys, mails))
-        # A series' email is that of its latest sample in the page (see _load_series).
-        item_emails.sort(key=itemgetter(0))
-        for _, keys, mails in item_emails:
-            emails.update(zip(keys, mails, strict=True))
-        per_key: dict[RawKey, list[Observation]] = dict(grouped)
-        report.samples = samples
+        per_key, emails = _group_by_series(items)
+        report.samples = skipped + sum(len(it.samples) for it in items)
 
         if per_key:
             self._apply_observations(batch, per_key, emails, report, events, now)
         if remember:
             # An item with a conflicting sample is not stored whole: never remembered.
+            # (An event row is kind, node_id, env, uuid, inbound_tag, collected_at, ...)
             for e in events:
                 if e[0] == "conflict":
                     remember.pop((e[5], e[1], e[2]), None)
