@@ -77,6 +77,17 @@ def test_unknown_command_is_a_usage_error(cli: Any) -> None:
     assert "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    ("args", "suggestion"),
+    [(("colect",), "'collect'"), (("sources", "lst"), "'list'"), (("integrity", "ak"), "'ack'")],
+)
+def test_a_typo_gets_one_suggestion(cli: Any, args: tuple[str, ...], suggestion: str) -> None:
+    res = cli(*args)
+    assert res.exit_code == 2
+    assert res.stderr.count("Did you mean") == 1
+    assert suggestion in res.stderr
+
+
 @pytest.fixture
 def contexts(monkeypatch: pytest.MonkeyPatch) -> list[AppContext]:
     """Capture the AppContext the root callback builds, to see the resolved options."""

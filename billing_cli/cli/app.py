@@ -45,6 +45,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    # click suggests a near command itself; typer's own suggestion would say it twice.
+    suggest_commands=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 

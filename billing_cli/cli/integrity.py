@@ -39,7 +39,13 @@ Examples:
   billing integrity ack --source node-a-prod
 """
 
-app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    suggest_commands=False,  # click suggests a near command itself
+)
 
 COLUMNS = (
     "id",

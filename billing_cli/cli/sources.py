@@ -48,6 +48,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    suggest_commands=False,  # click suggests a near command itself
 )
 
 # Stable JSON field order for `list --json` and `show --json`.
