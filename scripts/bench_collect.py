@@ -10,12 +10,15 @@ each in a fresh process:
 * ``billing collect --since <window>`` into a fresh SQLite file: wall time, samples/s,
   peak RSS (ru_maxrss of that process);
 
-then a steady-state minute: the fleet advances one minute and ``billing collect`` runs
-for every source (one new snapshot each plus the overlap), wall time of the whole
-process including interpreter start.
+then ``--steady-minutes`` steady-state minutes (default 3): the fleet advances one
+minute, the benchmark waits until the clock has passed the new item (as cron would, a
+minute after the previous run) and ``billing collect`` runs for every source (one new
+snapshot each plus the overlap); wall time of the whole process including interpreter
+start, the median reported.
 
     .venv/bin/python scripts/bench_collect.py                 # the full benchmark
     .venv/bin/python scripts/bench_collect.py --nodes 4 --series 500 --windows 1   # quick
+    .venv/bin/python scripts/bench_collect.py --windows 1 --no-floor --steady-minutes 3
 
 Targets (2-core machine): >= 100,000 samples/s, collect <= 3x floor, RSS flat 1x -> 4x,
 steady-state minute < 2 s.

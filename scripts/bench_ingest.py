@@ -4,9 +4,10 @@
 The data is ``scripts/make_snapshots.py``'s generator (the same the other benchmarks and
 the kill tests use): 2,000 series, one item per minute, about 30% of the series active in
 each minute, a few counter restarts (epoch changes). Figures printed per back end:
-samples/s of ``apply`` alone, wall time, peak RSS of the process, database bytes per
-sample. With ``--parse`` a second figure runs the same data as NDJSON through
-``billing_cli.wire.iter_ingest`` + ``apply`` (what ``billing ingest`` does).
+samples/s of ``apply`` plus the final close (SQLite checkpoints its WAL then), wall time,
+peak RSS of the process, database bytes per sample. With ``--parse`` a second figure
+runs the same data as NDJSON through ``billing_cli.wire.iter_ingest`` + ``apply`` (what
+``billing ingest`` does).
 
 Examples:
 
