@@ -153,11 +153,6 @@ class Rater:
             self._peak_cache[bucket_start_ns] = f
         return f
 
-    @property
-    def time_dependent(self) -> bool:
-        """Whether a bucket's factor depends on its start (peak windows), not only its series."""
-        return bool(self._windows)
-
     def factor(self, key: SeriesKey, bucket_start_ns: int) -> _Ratio:
         """The bucket's nano-amount per billable byte as one exact fraction ``(num, den)``:
         price / unit_bytes × 10^9 × every multiplier. ``amount_nano`` of ``n`` billable

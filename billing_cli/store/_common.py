@@ -1126,8 +1126,6 @@ class SqlStore:
         next_posting, first_charge = ledger.next_posting, ledger.first_charge
         factor, new_rating = rater.factor, rating.Rating
         charge, free = pricing.charge, rater.free
-        # Without peak windows the factor is one per series: looked up once per series.
-        per_series: dict[int, tuple[int, int]] | None = None if rater.time_dependent else {}
         append = out.append
         postings = adjustments = adjustment_amount = charged = 0
         for b in buckets:
@@ -1142,13 +1140,7 @@ class SqlStore:
             if cb == 0 or free:
                 amount = 0
             else:
-                if per_series is None:
-                    num, den = factor(b.key, b.start)
-                else:
-                    f = per_series.get(b.series_id)
-                    if f is None:
-                        f = per_series[b.series_id] = factor(b.key, b.start)
-                    num, den = f
+                num, den = factor(b.key, b.start)
                 amount, rem = divmod(cb * num, den)
                 twice = rem + rem
                 if twice > den or (twice == den and amount & 1):
