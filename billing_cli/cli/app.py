@@ -39,14 +39,9 @@ Examples:
 Global options (--registry, --db, --log-format, -v, -q) may be given anywhere on the line.
 """
 
-app = typer.Typer(
+app = commands.new_app(
+    HELP,
     name="billing",
-    help=HELP,
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    # click suggests a near command itself; typer's own suggestion would say it twice.
-    suggest_commands=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 

@@ -11,6 +11,7 @@ registers only the command named on the line; help and unknown names register al
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import typer
 
@@ -26,6 +27,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ledger": ("ledger", "ledger_command"),
     "demo": ("demo", "demo_command"),
 }
+
+
+def new_app(help: str, **settings: Any) -> typer.Typer:
+    """A Typer application (the main one or a command group) with the CLI's settings: no
+    shell completion, plain help text, and one "Did you mean" on a typo (click's own;
+    typer's suggestion would repeat it)."""
+    return typer.Typer(
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode=None,
+        suggest_commands=False,
+        **settings,
+    )
 
 
 def register(app: typer.Typer, names: list[str] | None = None) -> None:

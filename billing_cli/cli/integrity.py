@@ -21,6 +21,7 @@ from billing_cli._time import format_rfc3339_ns, now_ns
 from billing_cli.cli._context import get_context
 from billing_cli.cli._flags import time_flag
 from billing_cli.cli._rows import Cell, closing_rows, open_existing_store, write_rows
+from billing_cli.cli.commands import new_app
 from billing_cli.store.base import INTEGRITY_KINDS, IntegrityEvent, IntegrityKind
 
 HELP = """\
@@ -39,13 +40,7 @@ Examples:
   billing integrity ack --source node-a-prod
 """
 
-app = typer.Typer(
-    help=HELP,
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    suggest_commands=False,  # click suggests a near command itself
-)
+app = new_app(HELP)
 
 COLUMNS = (
     "id",

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from billing_cli._errors import ConfigError, UsageError
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli.commands import new_app
 from billing_cli.registry import edit
 from billing_cli.registry.model import Registry, SourceConfig
 
@@ -43,13 +44,7 @@ Examples:
   billing --registry /etc/billing/sources.toml sources show jp-1 --json
 """
 
-app = typer.Typer(
-    help=HELP,
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-    suggest_commands=False,  # click suggests a near command itself
-)
+app = new_app(HELP)
 
 # Stable JSON field order for `list --json` and `show --json`.
 JSON_FIELDS = (
