@@ -10,16 +10,25 @@ What is refused, and how (one-line messages naming the place):
 
 * Structural garbage makes the whole document unusable -> :class:`WireFormatError`:
   not JSON, a top level of the wrong type, ``items`` not a list, an item that is not an
-  object, a window page without ``node_id``/``env``, an item whose ``node_id``/``env``
-  is neither on the item nor on its page (such an item cannot be attributed to any
-  series, so it cannot even be recorded as a rejection), a bad ``next_cursor`` type.
+  object, an item whose ``node_id``/``env`` is neither on the item nor on its page (such
+  an item cannot be attributed to any series, so it cannot even be recorded as a
+  rejection), a bad ``next_cursor`` type.
 * A bad item (``collected_at`` missing or without a zone, ``samples`` not a list,
   ``counter_epoch`` neither string nor integer) -> every sample of that item is a
   :class:`Rejection` (or one rejection for the item when it has no usable sample); the
   rest of the page is kept.
-* A bad sample (counter not a JSON integer 0 <= n < 2^63, missing ``uuid`` or
-  ``inbound_tag``, non-string ``email``, a second sample for the same series in one
+* A bad sample (counter not a JSON integer 0 <= n < 2^63, missing ``uuid``, a
+  non-string ``inbound_tag`` or ``email``, a second sample for the same series in one
   item) -> one :class:`Rejection` with the reason; the rest of the item is kept.
+
+The deployed exporter (DESIGN §2a) is the normal case, not an exception to it:
+
+* it sums each account over its inbounds, so every sample has ``inbound_tag: ""``: a
+  blank (or absent) tag is the account-level series of the node, a valid series key;
+* its page identity comes from the page's first snapshot, so an empty window page is
+  ``{"node_id":"","env":"","snapshots":[],"has_more":false}``: "nothing new", with
+  ``node_id``/``env`` ``None`` on the :class:`WindowPage`;
+* Go encodes an item without samples as ``"samples":null``: an item with no samples.
 
 ``counter_epoch`` may be a string or an integer and is normalised to a string (integers
 in decimal) so that ``7`` and ``"7"`` compare equal; an empty string means "no epoch".
@@ -52,6 +61,7 @@ __all__ = [
 
 COUNTER_LIMIT = 1 << 63  # counters are signed 64-bit on every store; 2^63 and above refused
 _BOM = b"\xef\xbb\xbf"
+_MISSING: Any = object()
 
 
 class WireFormatError(ValueError):
@@ -63,11 +73,15 @@ class WireFormatError(ValueError):
 
 @dataclass(frozen=True)
 class WindowPage:
-    """One ``/v1/snapshots/window`` response."""
+    """One ``/v1/snapshots/window`` response.
+
+    ``node_id``/``env`` are ``None`` when the page names no identity, which the deployed
+    exporter does exactly when the page holds no snapshot; items then carry their own.
+    """
 
     source_id: str | None
-    node_id: str
-    env: str
+    node_id: str | None
+    env: str | None
     window_start_ns: int | None
     window_end_ns: int | None
     items: list[Item]
@@ -212,12 +226,14 @@ def _parse_item(
     elif problem is None:
         problem = f"counter_epoch must be a string or an integer, got {_type_name(raw_epoch)}"
 
-    samples = obj.get("samples")
-    if not isinstance(samples, list):
+    samples = obj.get("samples", _MISSING)
+    if samples is None:
+        samples = []  # Go's encoding of an item without samples (a nil slice)
+    elif not isinstance(samples, list):
         if problem is None:
             problem = (
                 "samples is missing"
-                if samples is None
+                if samples is _MISSING
                 else f"samples must be an array, got {_type_name(samples)}"
             )
         samples = []
@@ -292,7 +308,6 @@ def _clean_samples(samples: list[Any]) -> list[Sample] | None:
             and type(down) is int
             and type(email) is str
             and uuid
-            and tag
             and 0 <= up < limit
             and 0 <= down < limit
         ):
@@ -318,7 +333,6 @@ def _clean_samples_without_email(samples: list[Any]) -> list[Sample] | None:
             and type(up) is int
             and type(down) is int
             and uuid
-            and tag
             and 0 <= up < limit
             and 0 <= down < limit
             and "email" not in s  # a mixed item: let the slow path keep each email
@@ -354,15 +368,17 @@ def _check_sample(
     """Slow path: accept an unusual but valid sample, or say precisely why it is refused."""
     if not isinstance(s, dict):
         return Rejection(ts, node_id, env, "", "", f"sample must be an object, got {_type_name(s)}")
-    uuid, tag, email = s.get("uuid"), s.get("inbound_tag"), s.get("email")
+    uuid, tag, email = s.get("uuid"), s.get("inbound_tag", ""), s.get("email")
     uuid_s = uuid if isinstance(uuid, str) else ""
     tag_s = tag if isinstance(tag, str) else ""
     problems: list[str] = []
-    for name, value in (("uuid", uuid), ("inbound_tag", tag)):
-        if value is None or value == "":
-            problems.append(f"{name} is missing")
-        elif not isinstance(value, str):
-            problems.append(f"{name} must be a string, got {_type_name(value)}")
+    if uuid is None or uuid == "":
+        problems.append("uuid is missing")
+    elif not isinstance(uuid, str):
+        problems.append(f"uuid must be a string, got {_type_name(uuid)}")
+    # A blank (or absent) inbound_tag is the account-level series (DESIGN §2a).
+    if tag is not None and not isinstance(tag, str):
+        problems.append(f"inbound_tag must be a string, got {_type_name(tag)}")
     if email is not None and not isinstance(email, str):
         problems.append(f"email must be a string, got {_type_name(email)}")
     up, down = s.get("uplink_bytes_total"), s.get("downlink_bytes_total")
@@ -370,7 +386,7 @@ def _check_sample(
         p = _counter_problem(name, value)
         if p:
             problems.append(p)
-    if uuid_s and tag_s:
+    if uuid_s and (tag is None or isinstance(tag, str)):
         key = (uuid_s, tag_s)
         if key in seen and not problems:
             problems.append("duplicate sample for this series in the same item (first kept)")
@@ -425,11 +441,10 @@ def parse_window_page(raw: bytes) -> WindowPage:
     doc = _loads(raw.removeprefix(_BOM))
     if not isinstance(doc, dict):
         raise WireFormatError(f"window page: expected a JSON object, got {_type_name(doc)}")
+    # No page identity is normal for an empty page (the deployed exporter takes it from
+    # the first snapshot); items then need their own, which _parse_item insists on.
     node_id = _page_identity(doc, "node_id")
     env = _page_identity(doc, "env")
-    if node_id is None or env is None:
-        missing = "node_id" if node_id is None else "env"
-        raise WireFormatError(f"window page: {missing} missing at page level")
     source_id = doc.get("source_id")
     if source_id is not None and not isinstance(source_id, str):
         raise WireFormatError(f"source_id: expected a string, got {_type_name(source_id)}")

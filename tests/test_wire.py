@@ -193,10 +193,7 @@ def test_iter_ingest_batches_bounded_and_items_whole() -> None:
         (sample("bad", up=2**64), "out of range"),
         (sample("bad", up=10**30), "out of range"),
         (sample("", tag="t"), "uuid is missing"),
-        (
-            {"uuid": "bad", "uplink_bytes_total": 1, "downlink_bytes_total": 1},
-            "inbound_tag is missing",
-        ),
+        (sample("bad", tag=7), "inbound_tag must be a string"),
         (sample("bad", email=5), "email must be a string"),
         (sample(uuid=5), "uuid must be a string"),  # type: ignore[arg-type]
         ("not-an-object", "sample must be an object"),
@@ -287,8 +284,14 @@ def test_bad_item_fields_recorded(bad_item: dict[str, Any], reason: str) -> None
         (b"", "invalid JSON"),
         (b"{not json", "invalid JSON"),
         (b"[1, 2]", "expected a JSON object"),
-        (b'{"env":"prod","items":[]}', "node_id missing"),
-        (b'{"node_id":"n","items":[]}', "env missing"),
+        (
+            b'{"env":"prod","items":[{"collected_at":"2026-11-24T10:00:05Z","samples":[]}]}',
+            "node_id missing",
+        ),
+        (
+            b'{"node_id":"n","items":[{"collected_at":"2026-11-24T10:00:05Z","samples":[]}]}',
+            "env missing",
+        ),
         (b'{"node_id":"n","env":"e"}', "neither 'items' nor 'snapshots'"),
         (b'{"node_id":"n","env":"e","items":{}}', r"items: expected an array"),
         (b'{"node_id":"n","env":"e","items":[1]}', r"items\[0\]: expected an object"),
@@ -356,11 +359,14 @@ _ident = st.one_of(st.sampled_from(["u1", "u2", "u3"]), st.just(""), st.integers
 _sample = st.fixed_dictionaries(
     {
         "uuid": _ident,
-        "inbound_tag": st.sampled_from(["a", "b"]),
         "uplink_bytes_total": _counter,
         "downlink_bytes_total": _counter,
     },
-    optional={"email": st.one_of(st.text(max_size=3), st.none(), st.integers())},
+    optional={
+        "email": st.one_of(st.text(max_size=3), st.none(), st.integers()),
+        # Blank or absent: the account-level series (the deployed exporter's only kind).
+        "inbound_tag": st.one_of(st.sampled_from(["a", "b", ""]), st.none(), st.integers(0, 1)),
+    },
 )
 
 
@@ -373,8 +379,10 @@ def _expected_valid(samples: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     seen: set[tuple[str, str]] = set()
     out = []
     for s in samples:
-        uuid, tag, email = s["uuid"], s["inbound_tag"], s.get("email")
-        keyed = isinstance(uuid, str) and uuid != ""
+        uuid, email = s["uuid"], s.get("email")
+        tag = s.get("inbound_tag")
+        tag = "" if tag is None else tag
+        keyed = isinstance(uuid, str) and uuid != "" and isinstance(tag, str)
         valid = (
             keyed
             and ok_counter(s["uplink_bytes_total"])
