@@ -125,7 +125,17 @@ class AuthError(SourceError):
 
 
 class HTTPStatusError(SourceError):
-    """The exporter answered an unexpected HTTP status (after retries for 5xx/429)."""
+    """The exporter answered an unexpected HTTP status (after retries for 5xx/429).
+
+    ``status`` is the HTTP status and ``body`` the start of the response body as one
+    printable line (credentials of the source removed), e.g. ``no snapshot available``:
+    the deployed exporter answers its errors in ``text/plain``.
+    """
+
+    def __init__(self, source_id: str, message: str, *, status: int = 0, body: str = "") -> None:
+        self.status = status
+        self.body = body
+        super().__init__(source_id, message)
 
 
 class RedirectRefusedError(SourceError):

@@ -15,6 +15,7 @@ from billing_cli.pricing import Pricing
 from billing_cli.store import open_store, redact_url
 from billing_cli.store._common import SqlStore
 from billing_cli.store.base import (
+    ApplyReport,
     Batch,
     CheckpointAdvance,
     RowFilter,
@@ -246,6 +247,42 @@ def test_checkpoint_never_moves_backwards_and_cursor_moves(store: Store) -> None
     assert [x.source_id for x in store.list_checkpoints()] == ["s1"]
 
 
+def test_freshness_is_the_newest_item_received_and_never_moves_back(store: Store) -> None:
+    def cp(newest: int | None) -> CheckpointAdvance:
+        return CheckpointAdvance("s1", "n1", "prod", None, None, 1, newest)
+
+    store.apply(batch(store, checkpoint=cp(None)))  # an empty page: nothing received yet
+    c = store.get_checkpoint("s1")
+    assert c is not None
+    assert c.newest_collected_at_ns is None
+    store.apply(batch(store, item(T0 + M, ("a", 1, 1)), checkpoint=cp(T0 + M)))
+    store.apply(batch(store, item(T0, ("a", 0, 0)), checkpoint=cp(T0)))  # a late item
+    store.apply(batch(store, checkpoint=cp(None)))
+    c = store.get_checkpoint("s1")
+    assert c is not None
+    assert c.newest_collected_at_ns == T0 + M
+    # The first success is remembered; later ones do not move it.
+    store.record_success("s1", "n1", "prod", 100)
+    store.record_success("s1", "n1", "prod", 200)
+    c = store.get_checkpoint("s1")
+    assert c is not None
+    assert (c.first_succeeded_at_ns, c.last_succeeded_at_ns) == (100, 200)
+
+
+def test_the_most_frequent_rejection_reason_is_kept_with_the_run(store: Store) -> None:
+    rejections = [Rejection(T0, "n1", "prod", f"u{i}", "", "uuid is bad") for i in range(3)]
+    rejections.append(Rejection(T0, "n1", "prod", "v", "", "counter is bad"))
+    run = store.start_run("collect", ["s1"])
+    rep = store.apply(batch(store, run_id=run, rejections=rejections))
+    assert (rep.rejected, rep.top_rejection) == (4, "uuid is bad")
+    assert rep.rejection_reasons == {"uuid is bad": 3, "counter is bad": 1}
+    rep += ApplyReport(rejection_reasons={"counter is bad": 5})
+    assert rep.top_rejection == "counter is bad"
+    result = SourceRunResult(run, "s1", "collect", 1, 2, "ok", {"rejected": 4}, None, "uuid is bad")
+    store.finish_run(run, "ok", {"s1": result})
+    assert store.last_source_results()["s1"].top_rejection == "uuid is bad"
+
+
 def test_failed_apply_moves_nothing(store: Store) -> None:
     store.apply(batch(store, item(T0, ("a", 1, 1))))
     before = dump(store)
@@ -437,7 +474,7 @@ def test_a_version_1_database_is_migrated_on_first_use(
     s2 = open_store(db_url)
     try:
         db = cast(SqlStore, s2).db
-        assert db.execute("SELECT max(version) FROM schema_version") == [(2,)]
+        assert db.execute("SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
         assert usage(s2) == [("a", M, 7, 0)]
         run = s2.start_run("ingest", [])
         # No digest exists for the old items: the exact path counts them as duplicates...
@@ -445,6 +482,43 @@ def test_a_version_1_database_is_migrated_on_first_use(
         # ...and now remembers them.
         assert db.execute("SELECT count(*) FROM item_digests") == [(2,)]
         assert usage(s2) == [("a", M, 7, 0)]
+    finally:
+        s2.close()
+
+
+def test_a_version_2_database_gains_the_freshness_columns(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 3 adds what health measures from the data; old checkpoints keep theirs."""
+    from billing_cli.store import _common, schema
+
+    with monkeypatch.context() as m:  # what the previous release created
+        m.setattr(_common, "SCHEMA_VERSION", 2)
+        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:2])
+        s = open_store(db_url)
+        cast(SqlStore, s).db.execute(
+            "INSERT INTO source_checkpoints (source_id, node_id, env, last_successful_until_ns,"
+            " consecutive_failures) VALUES ('s1', 'n1', 'prod', 5, 0)"
+        )
+        s.close()
+    s2 = open_store(db_url)
+    try:
+        cp = s2.get_checkpoint("s1")
+        assert cp is not None
+        assert (cp.last_successful_until_ns, cp.newest_collected_at_ns) == (5, None)
+        run = s2.start_run("collect", ["s1"])
+        s2.apply(
+            Batch(
+                [item(T0, ("a", 0, 0))],
+                run,
+                PRICING,
+                checkpoint=CheckpointAdvance("s1", "n1", "prod", None, T0 + M, T0 + M, T0),
+            )
+        )
+        s2.record_success("s1", "n1", "prod", T0 + 2 * M)
+        cp = s2.get_checkpoint("s1")
+        assert cp is not None
+        assert (cp.newest_collected_at_ns, cp.first_succeeded_at_ns) == (T0, T0 + 2 * M)
     finally:
         s2.close()
 

@@ -193,6 +193,7 @@ def run_result(run_id: int, kind: RunKind, outcome: SourceOutcome) -> SourceRunR
         outcome=outcome.status,
         counts=outcome.counts(),
         error=outcome.error,
+        top_rejection=outcome.report.top_rejection,
     )
 
 

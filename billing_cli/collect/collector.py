@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
 from billing_cli._errors import (
     BillingError,
+    HTTPStatusError,
     ProtocolError,
     SourceError,
     SourceIdentityError,
@@ -54,6 +55,16 @@ SourceStatus = Literal["ok", "failed", "skipped"]
 
 MAX_ERROR_CHARS = 400
 FIRST_PAGE_ITEMS = 8
+# What the deployed exporter's /v1/snapshots/latest answers (HTTP 404, text/plain) until
+# it has taken its first snapshot.
+NO_SNAPSHOT_BODY = "no snapshot available"
+
+
+@dataclass(frozen=True)
+class PullNote:
+    """Something worth reporting about a source that is not a failure (a run's note)."""
+
+    text: str
 
 
 class BudgetExceededError(SourceError):
@@ -206,8 +217,9 @@ def iter_source_batches(
     attempted_at_ns: int,
     deadline_ns: int | None = None,
     clock: Callable[[], int] = now_ns,
-) -> Iterator[Batch]:
-    """Pull one source and yield one :class:`Batch` per page, in order.
+) -> Iterator[Batch | PullNote]:
+    """Pull one source and yield one :class:`Batch` per page, in order (and a
+    :class:`PullNote` when there is something to say that is not a failure).
 
     Raises a :class:`SourceError` subclass on the first protocol, identity, transport or
     budget failure; batches already yielded stay valid (each carries only the checkpoint
@@ -243,14 +255,19 @@ def iter_source_batches(
             except WireFormatError as exc:
                 raise ProtocolError(source.source_id, f"{where}: {exc}") from None
             del raw
-            _check_identity(source, page.node_id, page.env, where)
+            # A page without identity (the deployed exporter's empty page) claims nothing;
+            # its items, if any, are checked one by one below.
+            if page.node_id is not None or page.env is not None:
+                _check_identity(
+                    source, page.node_id or source.node_id, page.env or source.env, where
+                )
             if page.source_id is not None and page.source_id != source.source_id:
                 raise SourceIdentityError(
                     source.source_id,
                     f"{where} names source_id '{page.source_id}'; nothing from it was applied "
                     "and the checkpoint did not move",
-                    node_id=page.node_id,
-                    env=page.env,
+                    node_id=page.node_id or "",
+                    env=page.env or "",
                 )
             _check_items(source, page.items, where)
             for r in page.rejections:
@@ -283,6 +300,7 @@ def iter_source_batches(
                 last_cursor=page.next_cursor if page.next_cursor is not None else cursor,
                 until_ns=chunk_until if last else None,
                 attempted_at_ns=attempted_at_ns,
+                items=page.items,
             )
             yield _batch(task, page.items, page.rejections, advance, pricing, run_id, settings)
             if last:
@@ -299,18 +317,32 @@ def _iter_latest(
     run_id: int,
     settings: PullSettings,
     attempted_at_ns: int,
-) -> Iterator[Batch]:
+) -> Iterator[Batch | PullNote]:
     """Legacy ``/v1/snapshots/latest``: one item per run.
 
     Whatever happened between two runs is one delta attributed to the later item's
     minute (DESIGN §4): the metering rules, not the collector, handle the gap.
     """
     source = task.source
-    raw = client.get_latest()
     try:
-        items, rejections = parse_latest(raw, node_id=source.node_id, env=source.env)
-    except WireFormatError as exc:
-        raise ProtocolError(source.source_id, f"latest snapshot: {exc}") from None
+        raw = client.get_latest()
+    except HTTPStatusError as exc:
+        if exc.status != 404 or exc.body != NO_SNAPSHOT_BODY:
+            raise
+        # The deployed exporter's answer until its first snapshot exists (a new node):
+        # nothing to bill yet, not a failure. Freshness (billing status) still sees that
+        # no data has arrived.
+        yield PullNote(
+            f"the exporter has no snapshot yet (HTTP 404 '{NO_SNAPSHOT_BODY}'); "
+            "nothing to bill until it has one"
+        )
+        items: list[Item] = []
+        rejections: list[Rejection] = []
+    else:
+        try:
+            items, rejections = parse_latest(raw, node_id=source.node_id, env=source.env)
+        except WireFormatError as exc:
+            raise ProtocolError(source.source_id, f"latest snapshot: {exc}") from None
     _check_items(source, items, "latest snapshot")
     rejections = [r for r in rejections if _rejection_ok(source, r)]
     advance = _advance(
@@ -318,14 +350,24 @@ def _iter_latest(
         last_cursor=None,
         until_ns=max((i.collected_at_ns for i in items), default=None),
         attempted_at_ns=attempted_at_ns,
+        items=items,
     )
     yield _batch(task, items, rejections, advance, pricing, run_id, settings)
 
 
 def _advance(
-    task: PullTask[S], *, last_cursor: str | None, until_ns: int | None, attempted_at_ns: int
+    task: PullTask[S],
+    *,
+    last_cursor: str | None,
+    until_ns: int | None,
+    attempted_at_ns: int,
+    items: list[Item],
 ) -> CheckpointAdvance | None:
-    """The checkpoint movement a batch carries (none for reconcile)."""
+    """The checkpoint movement a batch carries (none for reconcile).
+
+    It also carries the newest ``collected_at`` of the page's items: health measures the
+    source's freshness from the data received, not from the request's ``until``.
+    """
     if not task.advance_checkpoint:
         return None
     source = task.source
@@ -336,6 +378,7 @@ def _advance(
         last_cursor=last_cursor,
         last_successful_until_ns=until_ns,
         attempted_at_ns=attempted_at_ns,
+        newest_collected_at_ns=max((i.collected_at_ns for i in items), default=None),
     )
 
 
@@ -368,10 +411,11 @@ def _rejection_ok(source: SourceLike, r: Rejection) -> bool:
 
 @dataclass
 class _Msg:
-    kind: Literal["batch", "done", "error"]
+    kind: Literal["batch", "note", "done", "error"]
     source_id: str
     batch: Batch | None = None
     error: BaseException | None = None
+    note: str | None = None
 
 
 class RunHooks(Protocol):
@@ -456,7 +500,10 @@ def run_sources(
                     with abandoned_lock:
                         if sid in abandoned or stop.is_set():
                             break
-                    put(_Msg("batch", sid, batch=batch))
+                    if isinstance(batch, PullNote):
+                        put(_Msg("note", sid, note=batch.text))
+                    else:
+                        put(_Msg("batch", sid, batch=batch))
             put(_Msg("done", sid))
         except BaseException as exc:  # noqa: BLE001 - reported to the writer, never lost
             put(_Msg("error", sid, error=exc))
@@ -517,6 +564,9 @@ def _write_loop(
         msg = inbox.get()
         outcome = outcomes[msg.source_id]
         task = by_id[msg.source_id]
+        if msg.kind == "note":
+            outcome.note = msg.note
+            continue
         if msg.kind == "batch":
             if outcome.status == "failed":
                 continue

@@ -46,6 +46,7 @@ from billing_cli._errors import (
     TLSError,
     TransportError,
     UnknownCAError,
+    one_line,
 )
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.collect._tls import (
@@ -74,6 +75,11 @@ _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # Backoff between attempts: exponential with full jitter, 0.5 s base, 10 s ceiling.
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
+# How much of an error response is read and quoted (the deployed exporter's errors are
+# one text/plain line, nginx's a small HTML page whose <title> says it all).
+ERROR_BODY_BYTES = 2048
+ERROR_BODY_CHARS = 160
+_HTML_TITLE = re.compile(r"<title>\s*(.*?)\s*</title>", re.I | re.S)
 
 
 @dataclass(frozen=True)
@@ -348,10 +354,8 @@ class SourceClient:
             err = exc.error
             if budget_hit:
                 budget = f"time budget of {self.config.budget_s:g}s: {budget_hit[-1]}"
-                raise type(err)(self.config.source_id, f"{_strip_source(err)} ({budget})") from None
-            raise type(err)(
-                self.config.source_id, _strip_source(err) + f" after {attempts} attempts"
-            ) from None
+                raise _reworded(err, f"{_strip_source(err)} ({budget})") from None
+            raise _reworded(err, _strip_source(err) + f" after {attempts} attempts") from None
 
     def _attempt(self, url: str, params: dict[str, str]) -> bytes:
         remaining = self.remaining_s()
@@ -430,13 +434,7 @@ class SourceClient:
                 f"exporter certificate (and check this host's clock)",
             ) from None
         if kind is TLSFailure.CLIENT_CERT_REJECTED:
-            has_cert = "mtls" in self.config.auth_mode
-            hint = (
-                "check client_cert_ref/client_key_ref are issued by the CA the exporter trusts"
-                if has_cert
-                else 'the exporter requires mTLS: set auth_mode = "mtls" with client_cert_ref '
-                "and client_key_ref"
-            )
+            hint = _client_cert_hint(self.config.auth_mode)
             raise self._err(
                 ClientCertificateRejectedError,
                 f"TLS: {host} refused the client certificate ({tls_reason(exc)}); {hint}",
@@ -471,16 +469,43 @@ class SourceClient:
                 f"({'unauthorized' if status == 401 else 'forbidden'}); check credential_ref "
                 f"and the exporter's token/client certificate for this source",
             )
-        if status == 429 or status >= 500:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise _Retryable(
-                self._err(HTTPStatusError, f"exporter {self._host} answered HTTP {status}"),
-                retry_after,
-            )
         if status != 200:
+            excerpt = self._error_body(response, started, timeout_s)
+            said = f" ({excerpt})" if excerpt else ""
+            if status == 400 and "ssl certificate" in excerpt.lower():
+                # nginx (the TLS terminator in front of the deployed exporter) checks the
+                # client certificate after the handshake and answers 400 when it is missing
+                # or not trusted: the same failure as a TLS alert from a direct mTLS peer.
+                raise self._err(
+                    ClientCertificateRejectedError,
+                    f"TLS terminator of {self._host} refused the client certificate{said}; "
+                    + _client_cert_hint(self.config.auth_mode),
+                )
+            if status == 429 or status >= 500:
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                raise _Retryable(
+                    self._status_error(
+                        status, f"exporter {self._host} answered HTTP {status}{said}", excerpt
+                    ),
+                    retry_after,
+                )
+            hint = "; check base_url (the exporter serves /v1/snapshots/ below it)"
+            if status != 404:
+                hint = ""
+            raise self._status_error(
+                status,
+                f"exporter {self._host} answered HTTP {status} for {response.url.path}{said}{hint}",
+                excerpt,
+            )
+        content_type = response.headers.get("content-type", "").lower()
+        if content_type.startswith("text/html"):
+            # The deployed exporter answers every unknown path, and /v1/snapshots/* while
+            # its snapshots are switched off, with its HTML index page and HTTP 200.
             raise self._err(
-                HTTPStatusError,
-                f"exporter {self._host} answered HTTP {status} for {response.url.path}",
+                ProtocolError,
+                f"exporter {self._host} answered an HTML page for {response.url.path}, not "
+                "JSON: its snapshot API is off (the exporter needs EXPORTER_NODE_ID, "
+                "ACCOUNTS_BASE_URL and INTERNAL_SERVICE_TOKEN) or base_url points elsewhere",
             )
         cap = self.config.max_response_bytes
         length = response.headers.get("content-length")
@@ -494,6 +519,43 @@ class SourceClient:
             if self._clock() - started > timeout_s:
                 raise httpx.ReadTimeout("total request time exceeded")
         return bytes(body)
+
+    def _status_error(self, status: int, message: str, body: str) -> HTTPStatusError:
+        return HTTPStatusError(self.config.source_id, message, status=status, body=body)
+
+    def _error_body(self, response: httpx.Response, started: float, timeout_s: float) -> str:
+        """The start of an error response as one printable line, the source's token
+        removed (an exporter may echo a header back). Reads at most ``ERROR_BODY_BYTES``."""
+        raw = bytearray()
+        for chunk in response.iter_bytes():
+            raw += chunk
+            if len(raw) >= ERROR_BODY_BYTES or self._clock() - started > timeout_s:
+                break
+        text = bytes(raw[:ERROR_BODY_BYTES]).decode("utf-8", "replace")
+        title = _HTML_TITLE.search(text)
+        if title:
+            text = title.group(1)
+        if self.config.bearer_token:
+            text = text.replace(self.config.bearer_token, "[redacted]")
+        text = "".join(c if c.isprintable() else " " for c in text)
+        return one_line(text, ERROR_BODY_CHARS)
+
+
+def _client_cert_hint(auth_mode: str) -> str:
+    if "mtls" in auth_mode:
+        return "check client_cert_ref/client_key_ref are issued by the CA the exporter trusts"
+    return (
+        'the exporter requires mTLS: set auth_mode = "mtls" (or "mtls+bearer") with '
+        "client_cert_ref and client_key_ref"
+    )
+
+
+def _reworded(err: SourceError, message: str) -> SourceError:
+    """``err`` with another message, keeping its class and attributes (HTTP status...)."""
+    new = type(err).__new__(type(err))
+    new.__dict__.update(err.__dict__)
+    new.args = (one_line(f"source '{err.source_id}': {message}"),)
+    return new
 
 
 def _too_large(cap: int, what: str) -> str:

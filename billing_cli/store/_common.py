@@ -388,10 +388,11 @@ class SqlStore:
             )
             self.db.executemany(
                 "INSERT INTO run_sources (run_id, source_id, kind, started_at_ns, finished_at_ns,"
-                " outcome, counts, error) VALUES (?,?,?,?,?,?,?,?)"
+                " outcome, counts, error, top_rejection) VALUES (?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (run_id, source_id) DO UPDATE SET kind = excluded.kind,"
                 " started_at_ns = excluded.started_at_ns, finished_at_ns = excluded.finished_at_ns,"
-                " outcome = excluded.outcome, counts = excluded.counts, error = excluded.error",
+                " outcome = excluded.outcome, counts = excluded.counts, error = excluded.error,"
+                " top_rejection = excluded.top_rejection",
                 [
                     (
                         run_id,
@@ -402,6 +403,7 @@ class SqlStore:
                         r.outcome,
                         json.dumps(r.counts, sort_keys=True),
                         r.error,
+                        r.top_rejection,
                     )
                     for sid, r in per_source.items()
                 ],
@@ -411,7 +413,7 @@ class SqlStore:
         with self._guard("read run results"):
             rows = self.db.execute(
                 "SELECT r.run_id, r.source_id, r.kind, r.started_at_ns, r.finished_at_ns,"
-                " r.outcome, r.counts, r.error FROM run_sources r WHERE r.run_id ="
+                " r.outcome, r.counts, r.error, r.top_rejection FROM run_sources r WHERE r.run_id ="
                 " (SELECT max(r2.run_id) FROM run_sources r2 WHERE r2.source_id = r.source_id)"
             )
         return {
@@ -424,6 +426,7 @@ class SqlStore:
                 outcome=cast(Literal["ok", "failed", "skipped"], row[5]),
                 counts={str(k): int(v) for k, v in json.loads(row[6]).items()},
                 error=row[7],
+                top_rejection=row[8],
             )
             for row in rows
         }
@@ -432,7 +435,8 @@ class SqlStore:
 
     _CP_COLS = (
         "source_id, node_id, env, last_successful_until_ns, last_cursor, last_attempted_at_ns,"
-        " last_succeeded_at_ns, last_error, consecutive_failures"
+        " last_succeeded_at_ns, last_error, consecutive_failures, newest_collected_at_ns,"
+        " first_succeeded_at_ns"
     )
 
     @staticmethod
@@ -447,6 +451,8 @@ class SqlStore:
             last_succeeded_at_ns=None if row[6] is None else int(row[6]),
             last_error=row[7],
             consecutive_failures=int(row[8]),
+            newest_collected_at_ns=None if row[9] is None else int(row[9]),
+            first_succeeded_at_ns=None if row[10] is None else int(row[10]),
         )
 
     def get_checkpoint(self, source_id: str) -> Checkpoint | None:
@@ -483,11 +489,13 @@ class SqlStore:
         with self._guard("record a success"), self.db.transaction():
             self.db.execute(
                 "INSERT INTO source_checkpoints (source_id, node_id, env, last_succeeded_at_ns,"
-                " consecutive_failures) VALUES (?,?,?,?,0)"
+                " first_succeeded_at_ns, consecutive_failures) VALUES (?,?,?,?,?,0)"
                 " ON CONFLICT (source_id) DO UPDATE SET node_id = excluded.node_id,"
                 " env = excluded.env, last_succeeded_at_ns = excluded.last_succeeded_at_ns,"
+                " first_succeeded_at_ns = COALESCE(source_checkpoints.first_succeeded_at_ns,"
+                " excluded.first_succeeded_at_ns),"
                 " last_error = NULL, consecutive_failures = 0",
-                (source_id, node_id, env, at_ns),
+                (source_id, node_id, env, at_ns, at_ns),
             )
 
     # --- reads ----------------------------------------------------------------------------
@@ -890,6 +898,8 @@ class SqlStore:
         now = now_ns()
         run_id, source_id = batch.run_id, batch.source_id
         report = ApplyReport(items=len(batch.items), rejected=len(batch.rejections))
+        for r in batch.rejections:
+            report.rejection_reasons[r.reason] = report.rejection_reasons.get(r.reason, 0) + 1
         items, skipped, remember = self._skip_applied_items(batch.items)
         report.duplicates += skipped
         events: list[Row] = [
@@ -932,8 +942,9 @@ class SqlStore:
             cp = batch.checkpoint
             self.db.execute(
                 "INSERT INTO source_checkpoints (source_id, node_id, env, last_cursor,"
-                " last_successful_until_ns, last_attempted_at_ns, consecutive_failures)"
-                " VALUES (?,?,?,?,?,?,0) ON CONFLICT (source_id) DO UPDATE SET"
+                " last_successful_until_ns, last_attempted_at_ns, newest_collected_at_ns,"
+                " consecutive_failures)"
+                " VALUES (?,?,?,?,?,?,?,0) ON CONFLICT (source_id) DO UPDATE SET"
                 " node_id = excluded.node_id, env = excluded.env,"
                 " last_cursor = excluded.last_cursor,"
                 " last_successful_until_ns = CASE"
@@ -944,6 +955,12 @@ class SqlStore:
                 "    > source_checkpoints.last_successful_until_ns"
                 "   THEN excluded.last_successful_until_ns"
                 "  ELSE source_checkpoints.last_successful_until_ns END,"
+                " newest_collected_at_ns = CASE"
+                "  WHEN source_checkpoints.newest_collected_at_ns IS NULL"
+                "   OR excluded.newest_collected_at_ns"
+                "    > source_checkpoints.newest_collected_at_ns"
+                "   THEN excluded.newest_collected_at_ns"
+                "  ELSE source_checkpoints.newest_collected_at_ns END,"
                 " last_attempted_at_ns = excluded.last_attempted_at_ns",
                 (
                     cp.source_id,
@@ -952,6 +969,7 @@ class SqlStore:
                     cp.last_cursor,
                     cp.last_successful_until_ns,
                     cp.attempted_at_ns,
+                    cp.newest_collected_at_ns,
                 ),
             )
         return report

@@ -39,6 +39,8 @@ class Checkpoint:
     last_succeeded_at_ns: int | None
     last_error: str | None
     consecutive_failures: int
+    newest_collected_at_ns: int | None = None  # the newest item received (data freshness)
+    first_succeeded_at_ns: int | None = None  # freshness reference until data arrives
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ class CheckpointAdvance:
 
     ``last_successful_until_ns`` is ``None`` for a page in the middle of a chunk (only the
     cursor moves); it is set on the chunk's last page. A store never moves
-    ``last_successful_until`` backwards (``max`` of old and new).
+    ``last_successful_until`` backwards (``max`` of old and new), nor
+    ``newest_collected_at`` (the newest item the page delivered, None for none): the
+    source's data freshness, which health measures lag from.
     """
 
     source_id: str
@@ -56,6 +60,7 @@ class CheckpointAdvance:
     last_cursor: str | None
     last_successful_until_ns: int | None
     attempted_at_ns: int
+    newest_collected_at_ns: int | None = None
 
 
 @dataclass
@@ -87,6 +92,14 @@ class ApplyReport:
     adjustment_amount_nano: int = 0  # sum of adjustment amounts (10^-9 currency units)
     charged_amount_nano: int = 0  # sum of all posted amounts
     bucket_changes: list[BucketChange] = field(default_factory=list)
+    rejection_reasons: dict[str, int] = field(default_factory=dict)  # reason -> samples
+
+    @property
+    def top_rejection(self) -> str | None:
+        """The most frequent rejection reason (ties: the first seen), or None."""
+        if not self.rejection_reasons:
+            return None
+        return max(self.rejection_reasons.items(), key=lambda kv: kv[1])[0]
 
     def __iadd__(self, other: ApplyReport) -> ApplyReport:
         for name in (
@@ -105,6 +118,8 @@ class ApplyReport:
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bucket_changes.extend(other.bucket_changes)
+        for reason, n in other.rejection_reasons.items():
+            self.rejection_reasons[reason] = self.rejection_reasons.get(reason, 0) + n
         return self
 
 
@@ -178,6 +193,7 @@ class SourceRunResult:
     outcome: Literal["ok", "failed", "skipped"]
     counts: dict[str, int]
     error: str | None
+    top_rejection: str | None = None  # the most frequent rejection reason of the run
 
 
 @dataclass(frozen=True)

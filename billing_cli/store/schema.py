@@ -9,7 +9,9 @@ the series key columns and RFC3339 times. ``source_checkpoints``, ``runs`` and
 the byte sums of its buckets and the latest bucket start, so rating a bucket appended
 after all others needs no scan of the period. ``item_digests`` (version 2) remembers a
 digest of each recent item applied whole, so the overlap a pull re-delivers every minute
-is recognised without reading its observations back.
+is recognised without reading its observations back. Version 3 adds what health needs
+to be measured from the data: each source's newest ``collected_at`` received, and each
+run's most frequent rejection reason.
 
 Migrations are a list of steps; ``schema_version`` records the applied version. A
 database whose version is newer than :data:`SCHEMA_VERSION` is refused (StoreError).
@@ -21,7 +23,7 @@ from typing import Literal
 
 Dialect = Literal["sqlite", "postgres"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Tokens rendered per dialect: {BIGINT} integer column, {ID} auto-increment primary key,
 # {WR} the SQLite "WITHOUT ROWID" suffix (rows clustered by primary key).
@@ -221,10 +223,25 @@ CREATE TABLE item_digests (
 """
 
 
+# Version 3: health measured from the data (DESIGN §8). Per source, the newest
+# collected_at received and when billing first reached it (the freshness reference while
+# nothing has arrived yet); per run and source, the most frequent rejection reason.
+_V3_COLUMNS = """
+ALTER TABLE source_checkpoints ADD COLUMN newest_collected_at_ns {BIGINT};
+ALTER TABLE source_checkpoints ADD COLUMN first_succeeded_at_ns {BIGINT};
+ALTER TABLE run_sources ADD COLUMN top_rejection TEXT;
+"""
+
+
 def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";\n") if s.strip()]
 
 
 def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:
     """``(version, statements)`` steps in order; apply those above the stored version."""
-    return [(1, _render_v1(dialect)), (2, _split(_V2_TABLES.format(**_TOKENS[dialect])))]
+    tokens = _TOKENS[dialect]
+    return [
+        (1, _render_v1(dialect)),
+        (2, _split(_V2_TABLES.format(**tokens))),
+        (3, _split(_V3_COLUMNS.format(**tokens))),
+    ]
