@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.collect.transport import SourceClient, build_transport_config
 from billing_cli.registry.load import parse_registry_text
 from billing_cli.registry.model import SourceConfig
-from billing_cli.simulator import Fleet, SimNode, format_cursor
+from billing_cli.simulator import Fleet, SimNode, format_cursor, format_deployed_time
 from billing_cli.wire import parse_window_page
 
 __all__ = ["sim_fleet"]
@@ -39,7 +40,8 @@ def window(
     if cursor is not None:
         q["cursor"] = cursor
     resp = node.handle("window", q, {})
-    return resp.status, orjson.loads(resp.body) if resp.body else {}
+    json_body = resp.headers.get("Content-Type") == "application/json" and resp.body
+    return resp.status, orjson.loads(resp.body) if json_body else {}
 
 
 def items_of(doc: dict[str, object]) -> list[dict[str, object]]:
@@ -67,7 +69,7 @@ def all_pages(node: SimNode, since: int, until: int, limit: int) -> list[dict[st
 
 
 def test_pagination_with_nanosecond_cursors_covers_window_once() -> None:
-    fleet = Fleet(1, series=5, minutes=25)
+    fleet = Fleet(1, series=5, minutes=25, wire="rich")
     node = fleet.node(NODE)
     times = node.collected_ats()
     assert len(times) == 25
@@ -94,7 +96,7 @@ def test_since_until_inclusive() -> None:
 
 def test_page_shape_parses_with_wire_and_items_key() -> None:
     for key in ("snapshots", "items"):
-        fleet = Fleet(1, series=4, minutes=3, items_key=key)  # type: ignore[arg-type]
+        fleet = Fleet(1, series=4, minutes=3, items_key=key, wire="rich")  # type: ignore[arg-type]
         node = fleet.node(NODE)
         times = node.collected_ats()
         resp = node.handle(
@@ -157,7 +159,7 @@ def test_advance_adds_minutes_after_history() -> None:
 
 @pytest.mark.parametrize("with_epoch", [True, False])
 def test_counter_restart(with_epoch: bool) -> None:
-    fleet = Fleet(1, series=50, minutes=3, activity=0.5)
+    fleet = Fleet(1, series=50, minutes=3, activity=0.5, wire="rich")
     node = fleet.node(NODE)
     node.restart_counters(with_epoch=with_epoch)
     fleet.advance(1)
@@ -170,7 +172,7 @@ def test_counter_restart(with_epoch: bool) -> None:
 
 
 def test_restart_without_any_epoch() -> None:
-    fleet = Fleet(1, series=5, minutes=2, epoch=None)
+    fleet = Fleet(1, series=5, minutes=2, epoch=None, wire="rich")
     node = fleet.node(NODE)
     node.restart_counters(with_epoch=False)
     fleet.advance(1)
@@ -288,8 +290,8 @@ def test_truncate_oversize_redirect_slow() -> None:
     assert node.handle("latest", {}, {}).delay_s == 0.25
 
 
-def test_bad_requests_are_400() -> None:
-    node = Fleet(1, series=2, minutes=2).node(NODE)
+def test_bad_requests_are_400_on_the_rich_wire() -> None:
+    node = Fleet(1, series=2, minutes=2, wire="rich").node(NODE)
     assert node.handle("window", {}, {}).status == 400
     assert node.handle("window", {"since": "yesterday", "until": "now"}, {}).status == 400
     t = format_cursor(node.collected_ats()[0])
@@ -306,6 +308,7 @@ def test_plain_http_loopback_and_routing() -> None:
         assert r.status_code == 200
         assert r.json()["node_id"] == "b"
         assert httpx.get(fleet.url + "/nodes/zz/v1/snapshots/latest").status_code == 404
+        # Several nodes: nothing at the root (a one-node fleet answers there, see below).
         assert httpx.get(fleet.url + "/v1/snapshots/latest").status_code == 404
 
 
@@ -391,3 +394,126 @@ def test_cli_serves_and_prints_registry(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- the deployed exporter's wire (the default) ---------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "deployed"
+
+
+def _key_order(doc: object) -> object:
+    """The structure of a JSON document: keys in order, values replaced by their type."""
+    if isinstance(doc, dict):
+        return [(k, _key_order(v)) for k, v in doc.items()]
+    if isinstance(doc, list):
+        return [_key_order(doc[0])] if doc else []
+    return type(doc).__name__
+
+
+def test_deployed_pages_have_the_exporters_shape_byte_for_byte() -> None:
+    fleet = Fleet(1, series=2, minutes=5, env="prod")
+    node = fleet.node(NODE)
+    t = node.collected_ats()
+    first = node.handle("window", {"since": format_cursor(t[0]), "limit": "2"}, {})
+    assert first.headers["Content-Type"] == "application/json"
+    assert first.body.endswith(b"}\n")
+    assert first.body.count(b"\n") == 1
+    doc = orjson.loads(first.body)
+    fixture = orjson.loads((FIXTURES / "window_page.json").read_bytes())
+    assert _key_order(doc) == _key_order(fixture)
+    assert doc["next_cursor"] == format_deployed_time(t[1])  # trimmed, not nine digits
+    assert {s["inbound_tag"] for it in doc["snapshots"] for s in it["samples"]} == {""}
+    assert all("counter_epoch" not in it for it in doc["snapshots"])
+    last = node.handle("window", {"since": format_cursor(t[0]), "cursor": doc["next_cursor"]}, {})
+    last_doc = orjson.loads(last.body)
+    assert "next_cursor" not in last_doc
+    assert last_doc["has_more"] is False
+    assert [parse_rfc3339_ns(i["collected_at"]) for i in last_doc["snapshots"]] == t[2:]
+    empty = node.handle("window", {"since": format_cursor(t[-1] + 1)}, {})
+    assert empty.body == (FIXTURES / "window_empty.json").read_bytes()
+
+
+def test_deployed_times_are_rfc3339nano_with_trailing_zeros_trimmed() -> None:
+    assert format_deployed_time(1_795_514_400_000_000_000) == "2026-11-24T10:00:00Z"
+    assert format_deployed_time(1_795_514_400_500_000_000) == "2026-11-24T10:00:00.5Z"
+    assert format_deployed_time(1_795_514_400_361_170_742) == "2026-11-24T10:00:00.361170742Z"
+
+
+def test_deployed_parameters_are_lenient_and_never_400() -> None:
+    node = Fleet(1, series=2, minutes=90).node(NODE)
+    t = node.collected_ats()
+    # A bad since/until becomes now-1h/now; a bad cursor is ignored; a bad limit is 1000.
+    for query in (
+        {},
+        {"since": "yesterday", "until": "now"},
+        {"cursor": "garbage", "limit": "many"},
+        {"limit": "0"},
+        {"limit": "5000"},
+    ):
+        before = time.time_ns()
+        resp = node.handle("window", query, {})
+        after = time.time_ns()
+        assert resp.status == 200
+        got = [parse_rfc3339_ns(i["collected_at"]) for i in orjson.loads(resp.body)["snapshots"]]
+        hour = 3600 * 10**9
+        assert got in ([x for x in t if x >= before - hour], [x for x in t if x >= after - hour])
+
+
+def test_deployed_errors_are_text_plain() -> None:
+    fleet = Fleet(1, series=2, minutes=0, tokens=True)
+    node = fleet.node(NODE)
+    unauthorized = node.handle("latest", {}, {})
+    assert (unauthorized.status, unauthorized.body) == (401, b"unauthorized\n")
+    assert unauthorized.body == (FIXTURES / "unauthorized.txt").read_bytes()
+    assert unauthorized.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert "WWW-Authenticate" not in unauthorized.headers
+    good = {"authorization": f"Bearer {fleet.tokens[NODE]}"}
+    missing = node.handle("latest", {}, good)  # no snapshot yet
+    assert (missing.status, missing.body) == (404, (FIXTURES / "latest_404.txt").read_bytes())
+    fleet.advance(1)
+    latest = node.handle("latest", {}, good)
+    assert latest.status == 200
+    assert _key_order(orjson.loads(latest.body)) == _key_order(
+        orjson.loads((FIXTURES / "latest.json").read_bytes())
+    )
+    assert fleet.dispatch("/metrics", {}, {}).body == b"404 page not found\n"
+
+
+def test_deployed_store_file_is_a_bare_array_and_empty_samples_differ_from_the_window(
+    tmp_path: Path,
+) -> None:
+    node = Fleet(1, series=2, minutes=3).node(NODE)
+    path = node.write_store_file(tmp_path / "snapshots.json")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    raw = path.read_bytes()
+    assert raw.startswith(b"[{")
+    assert raw.endswith(b"}]")
+    doc = orjson.loads(raw)
+    fixture = orjson.loads((FIXTURES / "snapshots.json").read_bytes())
+    assert _key_order(doc[0]) == _key_order(fixture[0])
+    assert [parse_rfc3339_ns(i["collected_at"]) for i in doc] == node.collected_ats()
+    # A node whose Xray has no users: null in the window (Go's clone), [] in the file.
+    idle = Fleet(1, series=0, minutes=1).node(NODE)
+    t = idle.collected_ats()[0]
+    assert b'"samples":null' in idle.handle("window", {"since": format_cursor(t)}, {}).body
+    assert b'"samples":[]' in idle.store_file_bytes()
+
+
+def test_a_one_node_fleet_answers_at_the_root_like_an_exporter() -> None:
+    with Fleet(1, series=2, minutes=2) as fleet:
+        r = httpx.get(fleet.url + "/v1/snapshots/latest")
+        assert r.status_code == 200
+        assert r.json()["node_id"] == NODE
+
+
+def test_rich_wire_keeps_tags_epochs_and_page_metadata() -> None:
+    node = Fleet(1, series=3, minutes=2, wire="rich").node(NODE)
+    t = node.collected_ats()
+    _, doc = window(node, t[0], t[-1])
+    assert {"window_start", "window_end", "emitted_at"} <= set(doc)
+    assert {s["inbound_tag"] for it in items_of(doc) for s in it["samples"]} == {  # type: ignore[index]
+        "vless-in",
+        "vmess-in",
+        "trojan-in",
+    }
+    assert {it["counter_epoch"] for it in items_of(doc)} == {"1"}

@@ -8,11 +8,20 @@
         fleet.advance(5)                   # five more minutes of snapshots per node
         fleet.node("node-01").set_fault("status", times=2)
 
-See ``/tmp/team/README-simulator.md`` (and the project README) for the full tour.
+By default every node speaks the deployed exporter's wire (DESIGN §2a); ``wire="rich"``
+serves the richer contract (inbound tags, epochs, page metadata). See the README section
+"The exporter simulator" for the full tour.
 """
 
 from billing_cli.simulator.certs import SimPKI, make_pki, registry_snippet
-from billing_cli.simulator.node import Fault, SimNode, SimResponse, format_cursor
+from billing_cli.simulator.node import (
+    Fault,
+    SimNode,
+    SimResponse,
+    Wire,
+    format_cursor,
+    format_deployed_time,
+)
 from billing_cli.simulator.server import Fleet, server_ssl_context
 
 __all__ = [
@@ -21,7 +30,9 @@ __all__ = [
     "SimNode",
     "SimPKI",
     "SimResponse",
+    "Wire",
     "format_cursor",
+    "format_deployed_time",
     "make_pki",
     "registry_snippet",
     "server_ssl_context",

@@ -19,7 +19,9 @@ EPILOG = """\
 Examples:
   scripts/simulator --nodes 3 --series 200 --port 9550 --cert-dir /tmp/sim-certs
   scripts/simulator --nodes 20 --series 2000 --minutes 60 --bearer --no-mtls
-  scripts/simulator --nodes 1 --insecure-http     # plain http on loopback (dev only)
+  scripts/simulator --nodes 1 --insecure-http --bearer --port 9550   # like a deployed exporter
+  scripts/simulator --nodes 3 --wire rich       # named inbound tags, epochs, page metadata
+  scripts/simulator --nodes 1 --store-dir /tmp/sim-store   # also rewrite snapshots.json files
   scripts/simulator --nodes 20 --series 2000 --tick 0 --registry-out /tmp/fleet.toml &
 """
 
@@ -43,7 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mtls", action="store_true", help="do not require a client cert")
     p.add_argument("--bearer", action="store_true", help="per-node bearer tokens")
     p.add_argument("--insecure-http", action="store_true", help="plain http (loopback dev)")
+    p.add_argument(
+        "--wire",
+        choices=["deployed", "rich"],
+        default="deployed",
+        help="deployed: the exporter as deployed (blank inbound tags, no epoch, text errors); "
+        "rich: inbound tags, epochs, page metadata (default deployed)",
+    )
     p.add_argument("--items-key", choices=["snapshots", "items"], default="snapshots")
+    p.add_argument(
+        "--store-dir",
+        type=Path,
+        help="write each node's store file (<node_id>.snapshots.json) there, on every tick",
+    )
     p.add_argument("--tick", type=float, default=60.0, help="seconds per new minute (0: off)")
     p.add_argument(
         "--registry-out",
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         activity=args.activity,
         minutes=args.minutes,
         seed=args.seed,
+        wire=args.wire,
         items_key=args.items_key,
         tokens=args.bearer or (args.no_mtls and not args.insecure_http),
         ssl_context=ctx,
@@ -84,11 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# simulator listening on {fleet.url} ({args.nodes} nodes x {args.series} series)")
     print("# add to sources.toml:\n")
     print(snippet, flush=True)
+
+    def write_store_files() -> None:
+        if args.store_dir is not None:
+            args.store_dir.mkdir(parents=True, exist_ok=True)
+            for node_id, node in fleet.nodes.items():
+                node.write_store_file(args.store_dir / f"{node_id}.snapshots.json")
+
+    write_store_files()
     try:
         while True:
             if args.tick > 0:
                 time.sleep(args.tick)
                 fleet.advance(1)
+                write_store_files()
             else:
                 time.sleep(3600)
     except KeyboardInterrupt:

@@ -2,7 +2,11 @@
 
 Each node is served under its own path prefix, so one registry source maps to one
 exporter endpoint: ``{fleet.url}/nodes/{node_id}`` is the node's ``base_url``, and the
-wire paths ``/v1/snapshots/window`` and ``/v1/snapshots/latest`` hang below it.
+wire paths ``/v1/snapshots/window`` and ``/v1/snapshots/latest`` hang below it. A fleet
+of one node also answers at the root (``{fleet.url}/v1/snapshots/...``), like a deployed
+exporter does — what a reverse proxy in front of it forwards to. Plain HTTP (no
+``ssl_context``) is how the deployed exporter itself listens; TLS then comes from a
+terminator in front of it (``scripts/nginx/``).
 
 TLS: the handshake runs in the connection's own thread (not in ``accept``), so a slow or
 failing client never blocks the others. With ``client_ca_pem`` every connection must
@@ -24,7 +28,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from billing_cli._time import NS_PER_MINUTE, minute_floor_ns
-from billing_cli.simulator.node import SimNode, SimResponse
+from billing_cli.simulator.node import SimNode, SimResponse, Wire, _Unset
 
 log = logging.getLogger("billing_cli.simulator")
 
@@ -131,8 +135,9 @@ class Fleet:
         minutes: int = 60,
         seed: int = 1,
         end_ns: int | None = None,
+        wire: Wire = "deployed",
         items_key: Literal["snapshots", "items"] = "snapshots",
-        epoch: str | None = "1",
+        epoch: str | _Unset | None = _Unset.UNSET,
         tokens: bool | dict[str, str] = False,
         ssl_context: ssl.SSLContext | None = None,
         host: str = "127.0.0.1",
@@ -152,12 +157,14 @@ class Fleet:
                 series=series,
                 activity=activity,
                 seed=seed,
+                wire=wire,
                 items_key=items_key,
                 epoch=epoch,
                 token=self.tokens.get(n),
             )
             for n in ids
         }
+        self.wire: Wire = wire
         end = minute_floor_ns(end_ns if end_ns is not None else time.time_ns())
         # The next minute to generate; history ends in the minute before `end`.
         self.next_minute_ns = end - minutes * NS_PER_MINUTE
@@ -186,11 +193,27 @@ class Fleet:
 
     def dispatch(self, path: str, query: dict[str, str], headers: dict[str, str]) -> SimResponse:
         parts = path.strip("/").split("/")
-        # nodes/<id>/v1/snapshots/<endpoint>
+        node: SimNode | None = None
+        # nodes/<id>/v1/snapshots/<endpoint>, or v1/snapshots/<endpoint> on a one-node fleet
         if len(parts) == 5 and parts[0] == "nodes" and parts[2:4] == ["v1", "snapshots"]:
             node = self.nodes.get(parts[1])
-            if node is not None and parts[4] in ("window", "latest"):
-                return node.handle(parts[4], query, headers)
+            parts = parts[2:]
+        elif len(parts) == 3 and len(self.nodes) == 1:
+            node = next(iter(self.nodes.values()))
+        if (
+            node is not None
+            and parts[:2] == ["v1", "snapshots"]
+            and parts[2]
+            in (
+                "window",
+                "latest",
+            )
+        ):
+            return node.handle(parts[2], query, headers)
+        if self.wire == "deployed":  # Go's http.NotFound
+            return SimResponse(
+                404, b"404 page not found\n", {"Content-Type": "text/plain; charset=utf-8"}
+            )
         return SimResponse(404, b'{"error":"not found"}', {"Content-Type": "application/json"})
 
     # -- lifecycle --
