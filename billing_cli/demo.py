@@ -53,6 +53,7 @@ OWNED = (
 HISTORY_MINUTES = 30  # served from the start
 LEAD_MINUTES = 10  # history ends this long before now: room to "advance" in the past
 OVERLAP = "15m"  # wider than LEAD_MINUTES, so every collect re-reads the new minutes
+STALE_AFTER = "20m"  # longer than LEAD_MINUTES: the newest snapshot is that old by design
 ADVANCES = (3, 2)  # minutes the simulator adds before the second and third collect
 LATE_ITEM_AGE_MINUTES = 25  # older than now - OVERLAP: only a reconcile can see it
 SERIES = 6
@@ -174,6 +175,9 @@ request_timeout = "10s"
 # {LEAD_MINUTES} minutes in the past (production: "2m").
 overlap = "{OVERLAP}"
 initial_lookback = "2h"
+# The simulated history ends up to {LEAD_MINUTES} minutes in the past, so the newest snapshot is
+# that old: allow for it (production default: 5 x collect_interval, at least 5m).
+stale_after = "{STALE_AFTER}"
 
 # mTLS: billing presents a client certificate issued by the fleet CA.
 [[sources]]
@@ -327,8 +331,8 @@ def run_demo(
         billing("collect", *sources)
 
         say(
-            "\n2. Xray restarts on node-a (counters back to zero, new counter_epoch); "
-            f"{ADVANCES[0]} minutes"
+            "\n2. Xray restarts on node-a (counters back to zero; like the deployed exporter it"
+            f" sends no epoch, so billing sees the drop); {ADVANCES[0]} minutes"
         )
         say("   pass. Meanwhile node-b delivers an item from 25 minutes ago, late.")
         fa.node("node-a").restart_counters()

@@ -31,6 +31,8 @@ SOURCE_KEYS = [
     "request_timeout",
     "allow_insecure_http",
     "max_response_bytes",
+    "stale_after",
+    "max_refused_share",
     "legacy",
 ]
 
@@ -178,6 +180,8 @@ def test_add_second_source_all_options(cli: Any, registry: Path) -> None:
         "request_timeout": "20s",
         "allow_insecure_http": False,
         "max_response_bytes": 64 * 1024 * 1024,
+        "stale_after": "600s",  # 5 x collect_interval
+        "max_refused_share": 0.1,
         "legacy": False,
     }
     text = registry.read_text()

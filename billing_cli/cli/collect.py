@@ -198,7 +198,8 @@ def collect_command(
 
 
 def lag_s(cp: Checkpoint | None, now: int) -> float | None:
-    return lag_seconds(now, cp.last_successful_until_ns if cp is not None else None)
+    """The age of the newest snapshot received: lag is measured from the data (DESIGN §8)."""
+    return lag_seconds(now, cp.newest_collected_at_ns if cp is not None else None)
 
 
 def outcome_json(o: SourceOutcome, cp: Checkpoint | None, now: int) -> dict[str, Any]:
@@ -214,6 +215,11 @@ def outcome_json(o: SourceOutcome, cp: Checkpoint | None, now: int) -> dict[str,
         "last_successful_until": (
             format_rfc3339_ns(cp.last_successful_until_ns)
             if cp is not None and cp.last_successful_until_ns is not None
+            else None
+        ),
+        "newest_collected_at": (
+            format_rfc3339_ns(cp.newest_collected_at_ns)
+            if cp is not None and cp.newest_collected_at_ns is not None
             else None
         ),
         "lag_seconds": round(lag, 3) if lag is not None else None,

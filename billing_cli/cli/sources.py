@@ -64,11 +64,20 @@ JSON_FIELDS = (
     "request_timeout",
     "allow_insecure_http",
     "max_response_bytes",
+    "stale_after",
+    "max_refused_share",
     "legacy",
 )
 
 
-_INHERITED = ("ca_bundle_ref", "collect_interval", "request_timeout", "max_response_bytes")
+_INHERITED = (
+    "ca_bundle_ref",
+    "collect_interval",
+    "request_timeout",
+    "max_response_bytes",
+    "stale_after",
+    "max_refused_share",
+)
 
 
 def source_json(registry: Registry, src: SourceConfig) -> dict[str, Any]:
@@ -90,6 +99,8 @@ def source_json(registry: Registry, src: SourceConfig) -> dict[str, Any]:
         "request_timeout": src.effective_request_timeout,
         "allow_insecure_http": src.allow_insecure_http,
         "max_response_bytes": src.effective_max_response_bytes,
+        "stale_after": src.effective_stale_after,
+        "max_refused_share": src.effective_max_refused_share,
         "legacy": registry.legacy,
     }
 

@@ -1,56 +1,62 @@
-"""``billing status``: per-source health for people (a table) and for monitoring (``--json``).
+"""``billing status``: per-source health for people (a table), scripts (``--json``) and
+Prometheus (``--format openmetrics``).
 
 Read-only: it loads the registry and reads checkpoints, the last run of each source and the
 open integrity events; it never contacts an exporter and never writes to the store. The
-classification rule lives in :mod:`billing_cli.health`.
+classification rule lives in :mod:`billing_cli.health`; the OpenMetrics rendering in
+:mod:`billing_cli.cli._openmetrics`.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import orjson
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from billing_cli._errors import ExitCode, UsageError, one_line
-from billing_cli._time import (
-    format_duration,
-    format_rfc3339_ns,
-    now_ns,
-)
-from billing_cli.cli._context import get_context
+from billing_cli._errors import ExitCode, StoreError, UsageError, one_line
+from billing_cli._time import format_duration, format_rfc3339_ns, now_ns
+from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import duration_flag
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
-from billing_cli.health import Health, Verdict, all_healthy, classify, default_max_lag_s
+from billing_cli.health import Delivery, Freshness, Health, Verdict, all_healthy, classify
 from billing_cli.store.base import Checkpoint, SourceRunResult
 
 # Bumped only for incompatible changes; new fields may be added without a bump.
-JSON_SCHEMA_VERSION = 1
+# 2: lag_seconds is measured from the newest data received (it was the request horizon).
+JSON_SCHEMA_VERSION = 2
 
 HELP = """\
 Show the health of every source: healthy, degraded, failing or disabled.
 
-Reads the registry and the database only (never contacts an exporter). Lag is
-now - last_successful_until. Rule: never collected, 3+ consecutive failures or
-lag > 3 x max lag -> failing; any failure or lag > max lag -> degraded.
-Default max lag per source: max(2 x collect_interval + overlap, 5m).
+Health is measured from the data, not from HTTP statuses: lag is the age of the newest
+snapshot received, and a last run whose samples were (mostly) refused is not healthy.
+Reads the registry and the database only (never contacts an exporter, never writes).
+Rule: never collected, 3+ consecutive failures, lag > 3 x max lag or every sample of the
+last run refused -> failing; any failure, lag > max lag or more than max_refused_share
+of the samples refused -> degraded. Default max lag per source: its stale_after, else
+max(5 x collect_interval, 5m).
 
 Exit status: 0 when every enabled source is healthy, 1 otherwise, 2 on a
 configuration error (bad registry, unknown --source, bad --max-lag), 4 when the
-database cannot be read.
+database does not exist or cannot be read.
 
 Examples:
 
 \b
   billing status
-  billing status --source node-a-prod
+  billing status -s node-a-prod -s node-b-prod --wide
   billing -q status || echo "some source is not healthy"
   billing status --max-lag 10m --json | jq '.sources[] | select(.health != "healthy")'
+  billing status --format openmetrics --output /var/lib/node_exporter/textfile/billing.prom
 """
 
 _STYLE = {
@@ -72,7 +78,6 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (re.compile(r"(://[^/@\s:]+):[^@\s/]+@"), r"\1:[redacted]@"),
 )
-_TABLE_ERROR_WIDTH = 120
 
 
 def redact_error(error: str | None) -> str | None:
@@ -92,14 +97,17 @@ class SourceStatus:
     env: str
     enabled: bool
     max_lag_s: float
+    max_refused_share: float
     verdict: Verdict
     checkpoint: Checkpoint | None
     last_run: SourceRunResult | None
+    delivery: Delivery | None
     open_integrity_events: int
 
     def to_json(self) -> dict[str, Any]:
         cp = self.checkpoint
         run = self.last_run
+        share = self.delivery.refused_share if self.delivery is not None else None
         return {
             "source_id": self.source_id,
             "node_id": self.node_id,
@@ -109,11 +117,14 @@ class SourceStatus:
             "reasons": list(self.verdict.reasons),
             "lag_seconds": self.verdict.lag_s,
             "max_lag_seconds": self.max_lag_s,
+            "newest_collected_at": _ts(cp.newest_collected_at_ns if cp else None),
             "last_successful_until": _ts(cp.last_successful_until_ns if cp else None),
             "last_succeeded_at": _ts(cp.last_succeeded_at_ns if cp else None),
             "last_attempted_at": _ts(cp.last_attempted_at_ns if cp else None),
             "consecutive_failures": cp.consecutive_failures if cp else 0,
             "last_error": redact_error(cp.last_error if cp else None),
+            "refused_share": share,
+            "max_refused_share": self.max_refused_share,
             "open_integrity_events": self.open_integrity_events,
             "last_run": None
             if run is None
@@ -126,6 +137,7 @@ class SourceStatus:
                 "duration_seconds": max(0, run.finished_at_ns - run.started_at_ns) / 1e9,
                 "counts": dict(sorted(run.counts.items())),
                 "error": redact_error(run.error),
+                "top_rejection": redact_error(run.top_rejection),
             },
         }
 
@@ -142,53 +154,71 @@ def database_exists(db_url: str) -> bool:
     return path == ":memory:" or Path(path).expanduser().exists()
 
 
+def _delivery(run: SourceRunResult | None) -> Delivery | None:
+    """What the last collect delivered; None when it delivered nothing (nothing to judge)."""
+    if run is None:
+        return None
+    samples, refused = run.counts.get("samples", 0), run.counts.get("rejected", 0)
+    if samples + refused == 0:
+        return None
+    return Delivery(samples=samples, refused=refused, top_refusal=redact_error(run.top_rejection))
+
+
 def collect_status(
-    ctx: typer.Context, source: str | None, max_lag: str | None, now: int
+    app_ctx: AppContext, source_ids: list[str], max_lag: str | None, now: int
 ) -> tuple[list[SourceStatus], int]:
     """Registry + store -> one ``SourceStatus`` per selected source, and unattributed events."""
-    app_ctx = get_context(ctx)
     override_s: float | None = None
     if max_lag is not None:
         override_s = duration_flag("--max-lag", max_lag)
     registry = app_ctx.load_registry()
     sources = list(registry.sources)
-    if source is not None:
-        sources = [s for s in sources if s.source_id == source]
-        if not sources:
-            known = ", ".join(s.source_id for s in registry.sources) or "none"
+    if source_ids:
+        unknown = [sid for sid in source_ids if sid not in registry.ids]
+        if unknown:
+            known = ", ".join(registry.ids) or "none"
             raise UsageError(
-                f"--source {source!r}: no such source in {app_ctx.registry_path} (known: {known})"
+                f"--source {unknown[0]!r}: no such source in {app_ctx.registry_path} "
+                f"(known: {known})"
             )
+        sources = [s for s in sources if s.source_id in source_ids]
+    if not database_exists(app_ctx.db_url):
+        raise StoreError(
+            f"no billing data in {app_ctx.db_url}: the database does not exist yet "
+            "(run `billing collect` first)"
+        )
 
-    checkpoints: dict[str, Checkpoint] = {}
-    last_runs: dict[str, SourceRunResult] = {}
-    events: dict[str, int] = {}
-    if database_exists(app_ctx.db_url):
-        from billing_cli.store import open_store
+    from billing_cli.store import open_store
 
-        store = open_store(app_ctx.db_url)
-        try:
-            checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
-            last_runs = store.last_source_results()
-            events = store.integrity_event_counts()
-        finally:
-            store.close()
+    store = open_store(app_ctx.db_url)
+    try:
+        checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
+        last_runs = store.last_source_results()
+        events = store.integrity_event_counts()
+    finally:
+        store.close()
 
-    overlap_s = registry.defaults.overlap_s
     out: list[SourceStatus] = []
     for src in sources:
         cp = checkpoints.get(src.source_id)
-        limit = (
-            override_s
-            if override_s is not None
-            else default_max_lag_s(src.collect_interval_s, overlap_s)
-        )
+        run = last_runs.get(src.source_id)
+        limit = override_s if override_s is not None else src.stale_after_s
+        delivery = _delivery(run)
         verdict = classify(
             enabled=src.enabled,
-            last_successful_until_ns=cp.last_successful_until_ns if cp else None,
+            collected_successfully=cp is not None and cp.last_succeeded_at_ns is not None,
             consecutive_failures=cp.consecutive_failures if cp else 0,
+            freshness=Freshness(
+                newest_collected_at_ns=cp.newest_collected_at_ns if cp else None,
+                # Databases from before freshness was kept: the last success will do.
+                first_succeeded_at_ns=(cp.first_succeeded_at_ns or cp.last_succeeded_at_ns)
+                if cp
+                else None,
+            ),
+            delivery=delivery,
             now_ns=now,
             max_lag_s=limit,
+            max_refused_share=src.effective_max_refused_share,
         )
         out.append(
             SourceStatus(
@@ -197,9 +227,11 @@ def collect_status(
                 env=src.env,
                 enabled=src.enabled,
                 max_lag_s=limit,
+                max_refused_share=src.effective_max_refused_share,
                 verdict=verdict,
                 checkpoint=cp,
-                last_run=last_runs.get(src.source_id),
+                last_run=run,
+                delivery=delivery,
                 open_integrity_events=events.get(src.source_id, 0),
             )
         )
@@ -221,24 +253,7 @@ def status_document(statuses: list[SourceStatus], unattributed: int, now: int) -
     }
 
 
-# The counts worth a glance in the table (all of them are in --json), with short labels.
-_TABLE_COUNTS = (
-    ("items", "items"),
-    ("new_observations", "new"),
-    ("conflicts", "conflicts"),
-    ("rejected", "rejected"),
-    ("anomalies", "anomalies"),
-    ("adjustments", "adjustments"),
-)
-
-
-def _counts_text(run: SourceRunResult | None) -> str:
-    if run is None:
-        return "-"
-    shown = ", ".join(
-        f"{run.counts[key]} {label}" for key, label in _TABLE_COUNTS if run.counts.get(key)
-    )
-    return f"{run.kind} {run.outcome}" + (f": {shown}" if shown else "")
+# --- the table: 80 columns by default, everything with --wide ---------------------------------
 
 
 def _short_time(ns: int | None, now: int) -> str:
@@ -251,70 +266,149 @@ def _short_time(ns: int | None, now: int) -> str:
     return full.replace("T", " ")
 
 
-def _render_table(statuses: list[SourceStatus], now: int) -> Table:
-    table = Table(title=f"Sources at {format_rfc3339_ns(now - now % 1_000_000_000)}")
-    for col in ("source", "enabled", "health", "lag", "failures", "last success"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("last run", min_width=12)
+def _refused_text(s: SourceStatus) -> str:
+    d = s.delivery
+    if d is None or not d.refused:
+        return "0"
+    share = d.refused_share or 0.0
+    return f"{d.refused:,} ({share:.0%})"
+
+
+def _render_table(statuses: list[SourceStatus], now: int, *, wide: bool) -> Table:
+    table = Table(title=f"Sources at {_short_time(now, now)}", box=None, pad_edge=False)
+    table.add_column("source", no_wrap=True, overflow="ellipsis", max_width=24)
+    table.add_column("health", no_wrap=True)
+    table.add_column("lag", justify="right", no_wrap=True)
+    table.add_column("fails", justify="right", no_wrap=True)
+    table.add_column("refused", justify="right", no_wrap=True)
     table.add_column("events", justify="right", no_wrap=True)
-    table.add_column("last error / reasons", min_width=20)
+    table.add_column("last run", no_wrap=True)
+    if wide:
+        table.add_column("newest snapshot", no_wrap=True)
+        table.add_column("last success", no_wrap=True)
+        table.add_column("node_id / env", no_wrap=True)
     for s in statuses:
         cp = s.checkpoint
         lag = s.verdict.lag_s
-        lag_text = Text("never" if lag is None else format_duration(lag))
+        lag_text = Text("-" if lag is None else format_duration(lag))
         if lag is not None and lag > s.max_lag_s and s.enabled:
             lag_text.stylize("yellow")
-        error = redact_error(cp.last_error if cp else None)
-        if error and len(error) > _TABLE_ERROR_WIDTH:
-            error = error[: _TABLE_ERROR_WIDTH - 1] + "…"
-        detail = error or "; ".join(s.verdict.reasons) or ""
-        table.add_row(
+        run = s.last_run
+        row: list[str | Text] = [
             s.source_id,
-            "yes" if s.enabled else "no",
             Text(s.verdict.health.value, style=_STYLE[s.verdict.health]),
             lag_text,
             str(cp.consecutive_failures if cp else 0),
-            _short_time(cp.last_succeeded_at_ns if cp else None, now),
-            _counts_text(s.last_run),
+            _refused_text(s),
             str(s.open_integrity_events),
-            Text(detail),
-        )
+            "-" if run is None else f"{run.kind} {run.outcome}",
+        ]
+        if wide:
+            row += [
+                _short_time(cp.newest_collected_at_ns if cp else None, now),
+                _short_time(cp.last_succeeded_at_ns if cp else None, now),
+                f"{s.node_id} / {s.env}",
+            ]
+        table.add_row(*row)
     return table
+
+
+def _detail_lines(statuses: list[SourceStatus]) -> list[str]:
+    """Below the table, so it stays narrow: why each source is not healthy, and errors."""
+    out: list[str] = []
+    for s in statuses:
+        for reason in s.verdict.reasons:
+            out.append(f"{s.source_id}: {reason}")
+        error = redact_error(s.checkpoint.last_error if s.checkpoint else None)
+        if error:
+            out.append(f"{s.source_id}: last error: {error}")
+    return out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (node_exporter's textfile collector) never see half a file."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise UsageError(f"--output {path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def status_command(
     ctx: typer.Context,
     source: Annotated[
-        str | None, typer.Option("--source", help="Only this source_id.", show_default=False)
+        list[str] | None,
+        typer.Option(
+            "--source", "-s", help="Only this source_id (repeatable).", show_default=False
+        ),
     ] = None,
     max_lag: Annotated[
         str | None,
         typer.Option(
             "--max-lag",
-            help="Allowed lag for every source, e.g. 10m "
-            "[default: max(2 x collect_interval + overlap, 5m) per source].",
+            help="Allowed age of the newest snapshot for every source, e.g. 10m "
+            "[default: per source: stale_after, else max(5 x collect_interval, 5m)].",
             show_default=False,
         ),
     ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="One JSON document on stdout (stable schema).")
-    ] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            click_type=click.Choice(["table", "json", "openmetrics"]),
+            help="table for people, json for scripts, openmetrics for Prometheus.",
+        ),
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="All columns (wider than 80).")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write to this file atomically instead of stdout (json, openmetrics).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Show the health of every source (see --help)."""
-    now = now_ns()
-    statuses, unattributed = collect_status(ctx, source, max_lag, now)
-    app_ctx = get_context(ctx)
-    doc = status_document(statuses, unattributed, now)
     if as_json:
-        typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        fmt = "json"
+    if output is not None and fmt == "table":
+        raise UsageError("--output needs --format json or --format openmetrics")
+    now = now_ns()
+    app_ctx = get_context(ctx)
+    statuses, unattributed = collect_status(app_ctx, source or [], max_lag, now)
+    doc = status_document(statuses, unattributed, now)
+    text: str | None = None
+    if fmt == "json":
+        text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
+    elif fmt == "openmetrics":
+        from billing_cli.cli._openmetrics import render_status
+
+        text = render_status(doc)
+    if text is not None:
+        if output is not None:
+            _write_atomically(output, text)
+        else:
+            typer.echo(text, nl=False)
     elif not app_ctx.quiet:
-        app_ctx.out.print(_render_table(statuses, now))
+        app_ctx.out.print(_render_table(statuses, now, wide=wide))
+        for line in _detail_lines(statuses):
+            app_ctx.out.print(line, markup=False, highlight=False)
         summary = doc["summary"]
         line = ", ".join(f"{n} {h}" for h, n in summary.items() if n) or "no sources"
         if unattributed:
             line += f"; {unattributed} integrity event(s) without a source"
-        if not database_exists(app_ctx.db_url):
-            line += f"; database {app_ctx.db_url} does not exist yet (run `billing collect`)"
-        app_ctx.out.print(line)
+        app_ctx.out.print(line, markup=False, highlight=False)
     code = ExitCode.OK if doc["healthy"] else ExitCode.FAILED
     raise typer.Exit(int(code))

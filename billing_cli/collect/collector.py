@@ -161,6 +161,7 @@ class SourceOutcome:
             "rejected": r.rejected,
             "anomalies": r.anomalies,
             "buckets_changed": r.buckets_changed,
+            "bytes": r.bytes,
             "postings": r.postings,
             "adjustments": r.adjustments,
         }

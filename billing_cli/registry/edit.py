@@ -55,6 +55,8 @@ FIELD_ORDER = (
     "api",
     "allow_insecure_http",
     "max_response_bytes",
+    "stale_after",
+    "max_refused_share",
 )
 
 

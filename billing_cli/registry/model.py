@@ -131,6 +131,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
 # --- [defaults] ------------------------------------------------------------------------
 
 MIB = 1024 * 1024
+# Health (DESIGN §8): with no stale_after set, a source whose newest snapshot is older than
+# this many collect intervals (and at least MIN_STALE_AFTER_S) is stale.
+STALE_AFTER_INTERVALS = 5
+MIN_STALE_AFTER_S = 300.0
+RefusedShare = Annotated[float, Field(ge=0, le=1)]
 
 
 class Defaults(BaseModel):
@@ -147,6 +152,8 @@ class Defaults(BaseModel):
     max_response_bytes: StrictInt = Field(default=64 * MIB, gt=0)
     retry_attempts: StrictInt = Field(default=3, ge=1, le=20)
     page_limit: StrictInt = Field(default=1000, ge=1, le=100_000)
+    stale_after: Duration | None = None
+    max_refused_share: RefusedShare = 0.1
 
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> Defaults:
@@ -202,6 +209,8 @@ class SourceConfig(BaseModel):
     api: Api = "window"
     allow_insecure_http: StrictBool = False
     max_response_bytes: StrictInt | None = Field(default=None, gt=0)
+    stale_after: Duration | None = None
+    max_refused_share: RefusedShare | None = None
 
     # Set by ``Registry`` so that resolved values need no extra argument.
     _defaults: Defaults = PrivateAttr(default_factory=Defaults)
@@ -325,6 +334,27 @@ class SourceConfig(BaseModel):
     @property
     def effective_max_response_bytes(self) -> int:
         return self.max_response_bytes or self._defaults.max_response_bytes
+
+    @property
+    def stale_after_s(self) -> float:
+        """How old the newest snapshot received may get before the source is stale: its
+        own ``stale_after``, else ``[defaults]``, else max(5 x collect_interval, 5m)."""
+        explicit = self.stale_after or self._defaults.stale_after
+        if explicit is not None:
+            return parse_duration_seconds(explicit)
+        return max(STALE_AFTER_INTERVALS * self.collect_interval_s, MIN_STALE_AFTER_S)
+
+    @property
+    def effective_stale_after(self) -> str:
+        """``stale_after_s`` as the registry would write it (for display)."""
+        explicit = self.stale_after or self._defaults.stale_after
+        return explicit if explicit is not None else f"{self.stale_after_s:g}s"
+
+    @property
+    def effective_max_refused_share(self) -> float:
+        if self.max_refused_share is not None:
+            return self.max_refused_share
+        return self._defaults.max_refused_share
 
     @property
     def url(self) -> str:

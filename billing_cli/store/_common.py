@@ -1120,6 +1120,7 @@ class SqlStore:
 
         changed = [b for b in buckets if (b.uplink, b.downlink) != (b.old_uplink, b.old_downlink)]
         report.buckets_changed += len(changed)
+        report.bytes += sum(b.uplink - b.old_uplink + b.downlink - b.old_downlink for b in changed)
         if batch.collect_bucket_changes:
             report.bucket_changes.extend(
                 BucketChange(b.key, b.start, b.old_uplink, b.old_downlink, b.uplink, b.downlink)

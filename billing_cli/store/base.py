@@ -87,6 +87,7 @@ class ApplyReport:
     rejected: int = 0
     anomalies: int = 0
     buckets_changed: int = 0
+    bytes: int = 0  # net bytes (uplink + downlink) added to usage buckets
     postings: int = 0  # charge + adjustment rows appended to billing_ledger
     adjustments: int = 0  # of which adjustments
     adjustment_amount_nano: int = 0  # sum of adjustment amounts (10^-9 currency units)
@@ -111,6 +112,7 @@ class ApplyReport:
             "rejected",
             "anomalies",
             "buckets_changed",
+            "bytes",
             "postings",
             "adjustments",
             "adjustment_amount_nano",
