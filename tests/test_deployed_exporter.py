@@ -241,3 +241,24 @@ def test_ingest_of_a_simulated_store_file_matches_the_simulator(
     assert res.exit_code == 0, res.output
     ats = node.collected_ats()
     assert store_usage(db) == expected_usage(node, ats[0], ats[-1])
+
+
+def test_an_exporter_with_its_snapshot_api_off_is_named_not_invalid_json(make: MakeEnv) -> None:
+    env = make(series=2, minutes=2)
+    env.sim.fleet.node("node-01").set_fault("snapshots_disabled")
+    doc = env.json("collect", expect=1)
+    error = only(doc)["error"]
+    assert error.startswith("source 'node-01': exporter 127.0.0.1 answered an HTML page for ")
+    assert "its snapshot API is off (the exporter needs EXPORTER_NODE_ID" in error
+
+
+def test_a_wrong_base_url_quotes_the_exporters_404(make: MakeEnv) -> None:
+    env = make(series=2, minutes=2)
+    text = env.registry.read_text().replace("/nodes/node-01", "/nodes/node-01/api")
+    env.registry.write_text(text)
+    doc = env.json("collect", expect=1)
+    assert only(doc)["error"] == (
+        "source 'node-01': exporter 127.0.0.1 answered HTTP 404 for "
+        "/nodes/node-01/api/v1/snapshots/window (404 page not found); check base_url "
+        "(the exporter serves /v1/snapshots/ below it)"
+    )
