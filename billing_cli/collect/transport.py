@@ -489,9 +489,11 @@ class SourceClient:
                     ),
                     retry_after,
                 )
-            hint = "; check base_url (the exporter serves /v1/snapshots/ below it)"
-            if status != 404:
-                hint = ""
+            hint = (
+                "; check base_url (the exporter serves /v1/snapshots/ below it)"
+                if status == 404
+                else ""
+            )
             raise self._status_error(
                 status,
                 f"exporter {self._host} answered HTTP {status} for {response.url.path}{said}{hint}",
