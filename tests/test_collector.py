@@ -31,7 +31,7 @@ from billing_cli.collect.collector import (
 from billing_cli.collect.transport import SourceClient, TransportConfig
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store
-from billing_cli.store.base import Store
+from billing_cli.store.base import RowFilter, Store
 
 T0 = parse_rfc3339_ns("2026-11-24T10:00:00Z")
 BASE = "https://exporter.test"
@@ -489,3 +489,73 @@ def test_a_rejected_sample_of_this_node_is_recorded_and_the_rest_applied(store: 
     assert out["node-a"].status == "ok", out["node-a"].error
     assert out["node-a"].report.rejected == 1
     assert out["node-a"].report.new_observations == 2
+
+
+# --- the deployed exporter's exact bytes -----------------------------------------------------
+
+DEPLOYED = Path(__file__).parent / "fixtures" / "deployed"
+
+
+def deployed(name: str, status: int = 200) -> httpx.Response:
+    ctype = "application/json" if name.endswith(".json") else "text/plain; charset=utf-8"
+    return httpx.Response(
+        status, content=(DEPLOYED / name).read_bytes(), headers={"Content-Type": ctype}
+    )
+
+
+@respx.mock
+def test_the_deployed_exporters_pages_byte_for_byte_bill_exactly(store: Store) -> None:
+    """Chunk 1: the two pages (blank tags, trimmed cursor, samples null); chunk 2: the
+    identity-less empty page. Both chunks complete; every byte lands in its minute."""
+    start = parse_rfc3339_ns("2026-11-24T10:00:00Z")
+    route = respx.get(WINDOW).mock(
+        side_effect=[
+            deployed("window_page.json"),
+            deployed("window_last_page.json"),
+            deployed("window_empty.json"),
+        ]
+    )
+    src = Src(source_id="tokyo-1", node_id="tokyo-1")
+    out = pull(store, [PullTask(src, start, start + 2 * 3600 * NS_PER_SECOND)])
+    assert (out["tokyo-1"].status, out["tokyo-1"].report.rejected) == ("ok", 0)
+    assert route.calls[1].request.url.params["cursor"] == "2026-11-24T10:01:00.5Z"
+    cp = store.get_checkpoint("tokyo-1")
+    assert cp is not None
+    assert cp.last_successful_until_ns == start + 2 * 3600 * NS_PER_SECOND
+    assert cp.newest_collected_at_ns == parse_rfc3339_ns("2026-11-24T10:04:00.000000001Z")
+    usage = {
+        (u.uuid, u.inbound_tag, u.bucket_start_ns - start): u.total_bytes
+        for u in store.iter_usage(RowFilter())
+    }
+    alice = "0b8e6f5c-3d2a-4b1e-9f7c-1a2b3c4d5e6f"
+    assert usage == {
+        (alice, "", 1 * NS_PER_MINUTE): 4500,
+        (alice, "", 2 * NS_PER_MINUTE): 11000,
+        (alice, "", 3 * NS_PER_MINUTE): 200,
+        ("legacy-user-42", "", 1 * NS_PER_MINUTE): 300,
+        ("legacy-user-42", "", 3 * NS_PER_MINUTE): 1300,
+    }
+
+
+@respx.mock
+def test_the_deployed_latest_404_is_no_snapshot_yet_and_other_404s_fail(store: Store) -> None:
+    respx.get(LATEST).mock(side_effect=[deployed("latest_404.txt", 404), deployed("latest.json")])
+    src = Src(source_id="tokyo-1", node_id="tokyo-1", api="latest")
+    first = pull(store, [PullTask(src, T0, T0)])["tokyo-1"]
+    assert (first.status, first.report.items) == ("ok", 0)
+    assert first.note is not None
+    assert "no snapshot yet" in first.note
+    second = pull(store, [PullTask(src, T0, T0)])["tokyo-1"]
+    assert (second.status, second.report.items, second.note) == ("ok", 1, None)
+    respx.get(LATEST).mock(return_value=httpx.Response(404, content=b"404 page not found\n"))
+    third = pull(store, [PullTask(src, T0, T0)])["tokyo-1"]
+    assert third.status == "failed"
+    assert "answered HTTP 404 for /v1/snapshots/latest (404 page not found)" in (third.error or "")
+
+
+@respx.mock
+def test_the_deployed_401_is_an_auth_error(store: Store) -> None:
+    respx.get(WINDOW).mock(return_value=deployed("unauthorized.txt", 401))
+    out = pull(store, [PullTask(Src(), T0, T0 + NS_PER_MINUTE)])["node-a"]
+    assert out.status == "failed"
+    assert "answered HTTP 401 (unauthorized)" in (out.error or "")
