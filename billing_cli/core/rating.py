@@ -27,13 +27,14 @@ Rules (the README's pricing reference restates them):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from billing_cli._time import NS_PER_SECOND, datetime_to_ns
+from billing_cli._time import NS_PER_SECOND
 from billing_cli.core.money import NANO_PER_UNIT, round_half_even
+from billing_cli.core.periods import period_of
 from billing_cli.core.types import SeriesKey
 from billing_cli.pricing import Pricing
 
@@ -65,8 +66,7 @@ def period_start_ns(bucket_start_ns: int, pricing: Pricing) -> int:
     """Start of the billing period containing ``bucket_start_ns``: the calendar month, UTC."""
     if pricing.period != "month":  # pragma: no cover - the model only admits "month"
         raise ValueError(f"unsupported billing period {pricing.period!r}")
-    dt = datetime.fromtimestamp(bucket_start_ns // NS_PER_SECOND, tz=UTC)
-    return datetime_to_ns(datetime(dt.year, dt.month, 1, tzinfo=UTC))
+    return period_of(bucket_start_ns)
 
 
 def charged_bytes(pricing: Pricing, uplink: int, downlink: int) -> int:
