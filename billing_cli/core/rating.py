@@ -53,13 +53,15 @@ class BucketForRating(NamedTuple):
 
 
 class Rating(NamedTuple):
-    """A bucket's current rating: charged bytes (before quota) and amount in nano-units."""
+    """A bucket's current rating: charged bytes (before quota), amount in nano-units, and
+    how many of the charged bytes the included quota covered."""
 
     rated_bytes: int
     amount_nano: int
+    included_bytes: int = 0
 
 
-ZERO_RATING = Rating(0, 0)
+ZERO_RATING = Rating(0, 0, 0)
 
 
 def period_start_ns(bucket_start_ns: int, pricing: Pricing) -> int:
@@ -186,8 +188,8 @@ class Rater:
         charged = charged_bytes(self.pricing, bucket.uplink, bucket.downlink)
         used = min(max(free_bytes_available, 0), charged)
         billable = charged - used
-        rating = Rating(charged, self.amount_nano(bucket.key, bucket.bucket_start_ns, billable))
-        return rating, max(free_bytes_available, 0) - used
+        amount = self.amount_nano(bucket.key, bucket.bucket_start_ns, billable)
+        return Rating(charged, amount, used), max(free_bytes_available, 0) - used
 
     def rate_sequence(
         self, uuid: str, buckets: Sequence[BucketForRating], consumed_before: int
