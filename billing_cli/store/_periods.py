@@ -219,7 +219,7 @@ def iter_rerate(
 ) -> Iterator[RerateReport]:
     check_rerate(store, period, pricing)
     after = ""  # uuids are never empty (the wire contract refuses empty ones)
-    per_page = 64  # accounts; adapted so that a page holds about ``page_buckets``
+    per_page = 1  # accounts: the first page measures, then about ``page_buckets`` a page
     while True:
         with store._guard("re-rate a period"):
             scope = store.db.dry_run() if dry_run else store.db.transaction()
