@@ -25,6 +25,7 @@ from billing_cli._time import (
 )
 from billing_cli.cli._context import get_context
 from billing_cli.cli._flags import duration_flag
+from billing_cli.cli._pricing import pricing_state
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Health, Verdict, all_healthy, classify, default_max_lag_s
 from billing_cli.store.base import Checkpoint, SourceRunResult
@@ -305,6 +306,9 @@ def status_command(
     statuses, unattributed = collect_status(ctx, source, max_lag, now)
     app_ctx = get_context(ctx)
     doc = status_document(statuses, unattributed, now)
+    # No silent zero prices (issue 11): "none" when the registry sets no price.
+    registry = app_ctx.load_registry()
+    doc["pricing"] = pricing_state(registry)
     if as_json:
         typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     elif not app_ctx.quiet:
@@ -313,8 +317,10 @@ def status_command(
         line = ", ".join(f"{n} {h}" for h, n in summary.items() if n) or "no sources"
         if unattributed:
             line += f"; {unattributed} integrity event(s) without a source"
+        if doc["pricing"] == "none":
+            line += f"; pricing: none ({registry.unpriced_reason()})"
         if not database_exists(app_ctx.db_url):
             line += f"; database {app_ctx.db_url} does not exist yet (run `billing collect`)"
-        app_ctx.out.print(line)
+        app_ctx.out.print(line, markup=False)
     code = ExitCode.OK if doc["healthy"] else ExitCode.FAILED
     raise typer.Exit(int(code))
