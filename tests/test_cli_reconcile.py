@@ -257,5 +257,5 @@ def test_without_a_price_reconcile_warns_that_everything_rates_at_zero(make: Mak
         assert res.exit_code == 0, res.output
         assert [line for line in res.stderr.splitlines() if line.startswith("warning:")] == [
             f"warning: {env.registry}: [pricing] sets no price_per_unit: everything rates at "
-            "zero (set price_per_unit, \"0\" to make it free on purpose)"
+            'zero (set price_per_unit, "0" to make it free on purpose)'
         ]
