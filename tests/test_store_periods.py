@@ -329,3 +329,38 @@ def test_a_close_waits_for_writers_in_flight(db_url: str) -> None:
     finally:
         writer.close()
         closer.close()
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_rerate_holds_no_lock_between_pages(db_url: str, dry_run: bool) -> None:
+    """Between two pages (each its own transaction) a collector writes without waiting:
+    SQLite's write lock and PostgreSQL's series row locks last one page."""
+    store, other = cast(SqlStore, open_store(db_url)), cast(SqlStore, open_store(db_url))
+    try:
+        apply(store, *BASE)
+        if db_url.startswith("postgresql"):
+            other.db.execute("SET lock_timeout = '200ms'")
+        else:
+            other.db.execute("PRAGMA busy_timeout = 0")
+        pages = _periods.iter_rerate(
+            store, NOV, P2, 0 if dry_run else store.start_run("rerate", []),
+            dry_run=dry_run, now_ns=NOW, page_buckets=1,
+        )  # fmt: skip
+        first = next(pages)
+        assert first.buckets > 0
+        # Late data for both accounts (the one re-rated, the one still to come) goes in
+        # at once: no lock is waited for.
+        rep = other.apply(
+            Batch(
+                [item("2025-11-30T10:02:30Z", ("a", 1100, 900), ("b", 500, 0))],
+                other.start_run("collect", ["s1"]),
+                P2,
+                "s1",
+            )
+        )
+        assert rep.postings > 0
+        rest = list(pages)
+        assert rest
+    finally:
+        store.close()
+        other.close()

@@ -1166,6 +1166,9 @@ class SqlStore:
     def statement(self, period_start_ns: int, flt: RowFilter) -> Statement:
         return _periods.statement(self, period_start_ns, flt)
 
+    def check_rerate(self, period_start_ns: int, pricing: Pricing) -> None:
+        _periods.check_rerate(self, period_start_ns, pricing)
+
     def iter_rerate(
         self, period_start_ns: int, pricing: Pricing, run_id: int, *, dry_run: bool
     ) -> Iterator[RerateReport]:

@@ -324,6 +324,10 @@ class Store(Protocol):
         """The statement of a period: a pure read of the postings accounted in it."""
         ...
 
+    def check_rerate(self, period_start_ns: int, pricing: Pricing) -> None:
+        """``PeriodError`` when the period is closed or is posted in another currency."""
+        ...
+
     def iter_rerate(
         self, period_start_ns: int, pricing: Pricing, run_id: int, *, dry_run: bool
     ) -> Iterator[RerateReport]:
