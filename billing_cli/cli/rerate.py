@@ -146,7 +146,8 @@ def _report(
     verb = "would post" if dry_run else "posted"
     line = (
         f"rerate {period}: {total.buckets} buckets in {total.pages} pages; {verb}"
-        f" {total.postings} adjustments, amount {format_amount(sums[2])} {pricing.currency}"
+        f" {total.postings} adjustment{'' if total.postings == 1 else 's'},"
+        f" amount {format_amount(sums[2])} {pricing.currency}"
         f" (rule_version {pricing.rule_version})"
     )
     line += " - dry run, nothing written" if dry_run else f" - run {run_id}"
