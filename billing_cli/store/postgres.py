@@ -111,10 +111,12 @@ class PostgresDialect(Dialect):
         self.execute("SELECT pg_advisory_xact_lock(?)", (0x62696C6C,))
 
     def lock_periods(self, *, exclusive: bool) -> None:
-        # A close (EXCLUSIVE) waits for the writers in flight (SHARE) and holds new ones
-        # until it commits; writers never block each other.
-        mode = "EXCLUSIVE" if exclusive else "SHARE"
-        self.execute(f"LOCK TABLE closed_periods IN {mode} MODE")
+        # A transaction-level advisory lock, per schema: a close (exclusive) waits for the
+        # writers of postings in flight (shared) and holds new ones until it commits;
+        # writers never block each other. Unlike LOCK TABLE it needs no table privilege,
+        # and the two-key form never collides with the one-key per-source locks.
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        self.execute(f"SELECT {fn}(hashtext('billing:periods'), hashtext(current_schema()))")
 
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         types = _COPY_TYPES.get((table, tuple(cols)))
