@@ -523,8 +523,8 @@ class SqlStore:
             conds.append(f"s.uuid IN ({','.join('?' * len(flt.uuids))})")
             params.extend(flt.uuids)
         if ledger:
+            # (the accounting period selects the table itself: see iter_ledger)
             for cond, bound in (
-                ("l.period_start_ns = ?", flt.period_start_ns),
                 ("l.created_at_ns >= ?", flt.posted_since_ns),
                 ("l.created_at_ns < ?", flt.posted_until_ns),
             ):
@@ -563,12 +563,17 @@ class SqlStore:
 
     def iter_ledger(self, flt: RowFilter) -> Iterator[LedgerRow]:
         where, params = self._where(flt, "l.bucket_start_ns", ledger=True)
+        source = (
+            "ledger_postings"
+            if flt.period_start_ns is None
+            else f"({_periods.accounted_in(flt.period_start_ns)})"
+        )
         sql = (
             "SELECT l.entry_id, s.node_id, s.env, s.uuid, s.inbound_tag, l.bucket_start_ns,"
             " l.revision, l.entry_type, l.rated_bytes, l.amount_nano, l.currency,"
             " l.pricing_rule_version, l.run_id, l.created_at_ns, l.period_start_ns,"
             " l.uplink_bytes, l.downlink_bytes, l.included_bytes"
-            " FROM ledger_postings l JOIN series s ON s.series_id = l.series_id"
+            f" FROM {source} l JOIN series s ON s.series_id = l.series_id"
             f" WHERE {where} ORDER BY "
             + self._order(
                 "l.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag", "l.revision"

@@ -41,6 +41,19 @@ _CLOSES_SQL = (
 )
 
 
+def accounted_in(period: int) -> str:
+    """A derived table of the postings accounted in ``period``: those of its own buckets
+    (a range of the time-first unique index) and the corrections carried into it (the
+    partial index ``ledger_postings_carried``); use as ``FROM ({...}) l``."""
+    start, end = int(period), int(period_end_ns(period))
+    return (
+        "SELECT * FROM ledger_postings WHERE bucket_start_ns >= "
+        f"{start} AND bucket_start_ns < {end} AND period_start_ns = {start}"
+        " UNION ALL SELECT * FROM ledger_postings"
+        f" WHERE period_start_ns = {start} AND period_start_ns > bucket_start_ns"
+    )
+
+
 def _close_of(r: Row) -> PeriodClose:
     return PeriodClose(int(r[0]), int(r[1]), int(r[2]), str(r[3]))
 
@@ -85,9 +98,8 @@ def close_period(
         uuids = [
             r[0]
             for r in db.execute(
-                "SELECT DISTINCT s.uuid FROM ledger_postings l JOIN series s"
-                " ON s.series_id = l.series_id WHERE l.period_start_ns = ?",
-                (period,),
+                f"SELECT DISTINCT s.uuid FROM ({accounted_in(period)}) l JOIN series s"
+                " ON s.series_id = l.series_id",
             )
         ]
         emails = _latest_emails(store, uuids)
@@ -144,7 +156,7 @@ def statement(store: SqlStore, period: int, flt: RowFilter) -> Statement:
     and rule version; nothing else is read (but the emails)."""
     db = store.db
     end = period_end_ns(period)
-    where, params = store._where(flt, "l.bucket_start_ns", ledger=True)
+    where, params = store._where(flt, "l.bucket_start_ns")
     # A posting accounted here for a bucket outside the period corrects a closed period.
     sql = (
         "SELECT s.uuid, l.currency,"
@@ -152,11 +164,11 @@ def statement(store: SqlStore, period: int, flt: RowFilter) -> Statement:
         f" THEN NULL ELSE {month_start_sql(db.name, 'l.bucket_start_ns')} END,"
         " l.pricing_rule_version, SUM(l.uplink_bytes), SUM(l.downlink_bytes),"
         " SUM(l.rated_bytes), SUM(l.included_bytes), SUM(l.amount_nano)"
-        " FROM ledger_postings l JOIN series s ON s.series_id = l.series_id"
-        f" WHERE l.period_start_ns = ? AND {where} GROUP BY 1, 2, 3, 4"
+        f" FROM ({accounted_in(period)}) l JOIN series s ON s.series_id = l.series_id"
+        f" WHERE {where} GROUP BY 1, 2, 3, 4"
     )
     with store._guard("read a statement"):
-        rows = db.execute(sql, [period, *params])
+        rows = db.execute(sql, params)
         parts = [
             StatementPart(
                 r[0],
@@ -194,8 +206,7 @@ def check_rerate(store: SqlStore, period: int, pricing: Pricing) -> None:
         currencies = sorted(
             r[0]
             for r in store.db.execute(
-                "SELECT DISTINCT currency FROM ledger_postings WHERE period_start_ns = ?",
-                (period,),
+                f"SELECT DISTINCT currency FROM ({accounted_in(period)}) l",
             )
         )
     other = [c for c in currencies if c != pricing.currency]

@@ -281,10 +281,15 @@ UPDATE ledger_postings SET period_start_ns = {month},
     WHERE b.series_id = ledger_postings.series_id
     AND b.bucket_start_ns = ledger_postings.bucket_start_ns), 0) ELSE 0 END;
 """
-# A close is final (no reopen): closed periods and their account snapshots are
-# append-only in the database too, like the ledger.
+# Postings accounted in their bucket's month are found by the time-first unique index
+# (bucket_start_ns, ...); only the corrections carried forward (accounted after their
+# bucket's month: period_start_ns > bucket_start_ns) need an index of their own, a
+# partial one — a few bytes per correction instead of per posting. A close is final (no
+# reopen): closed periods and their account snapshots are append-only in the database
+# too, like the ledger.
 _PERIODS_TABLES = """
-CREATE INDEX ledger_postings_by_period ON ledger_postings (period_start_ns);
+CREATE INDEX ledger_postings_carried ON ledger_postings (period_start_ns)
+    WHERE period_start_ns > bucket_start_ns;
 CREATE TABLE closed_periods (
     period_start_ns {BIGINT} PRIMARY KEY,
     closed_at_ns {BIGINT} NOT NULL,
