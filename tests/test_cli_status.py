@@ -456,6 +456,7 @@ def test_pricing_is_reported_so_zero_prices_are_never_silent(
     cli: Any, registry: Path, tmp_path: Path
 ) -> None:
     db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
     _, doc = status_json(cli, registry, db)
     assert doc["pricing"] == "none"  # REGISTRY has no [pricing]: everything rates at zero
     res = cli("status", "--registry", str(registry), "--db", db)
