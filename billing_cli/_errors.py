@@ -65,6 +65,11 @@ class UsageError(ConfigError):
     """A command-line flag or argument is invalid."""
 
 
+class PeriodError(ConfigError):
+    """An accounting period cannot be used that way: not ended yet (close), or closed
+    (re-rate). A closed period is final."""
+
+
 # --- input and store -----------------------------------------------------------------
 
 

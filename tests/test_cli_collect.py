@@ -460,3 +460,23 @@ def test_legacy_exporter_base_url_latest_shim(
     assert store_usage(db) == expected_usage(node, first_at, later_at)
     assert checkpoint_until(Env(sim, cli, db, tmp_path), "legacy") == later_at
     assert_no_secrets(outputs, sim.secrets())
+
+
+# --- no silent zero prices -------------------------------------------------------------
+
+
+def test_without_pricing_collect_warns_that_everything_rates_at_zero(make: MakeEnv) -> None:
+    env = make(series=3, minutes=3)
+    res = env.run("collect")
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.stderr  # priced: nothing to say
+    env.registry.write_text(env.sim.registry_toml)  # no [pricing] at all
+    res = env.run("collect", "--source", "node-01")
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {env.registry}: no [pricing] table: everything rates at zero "
+        "(add [pricing] with price_per_unit to rate)"
+    ]
+    # -q is errors only; `billing status --json` still reports it ("pricing": "none").
+    assert env.run("-q", "collect", "--source", "node-01").stderr == ""

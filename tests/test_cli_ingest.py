@@ -252,6 +252,26 @@ def test_without_registry_rates_at_zero_with_warning(cli: CliRunnerFn, tmp_path:
     assert "sources.toml" in res.stderr
 
 
+def test_a_registry_without_pricing_rates_at_zero_with_warning(
+    cli: CliRunnerFn, tmp_path: Path
+) -> None:
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    reg = tmp_path / "sources.toml"
+    reg.write_text(REGISTRY.split("[pricing]")[0])
+    res = cli("ingest", "--json", str(f))
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == [
+        f"warning: {reg.name}: no [pricing] table: everything rates at zero "
+        "(add [pricing] with price_per_unit to rate)"
+    ]
+    assert orjson.loads(res.stdout)["charged_amount"] == "0.000000000"
+    # An explicit zero price is a decision, not an accident: no warning.
+    reg.write_text(REGISTRY.replace('price_per_unit = "0.001"', 'price_per_unit = "0"'))
+    res = cli("ingest", str(f))
+    assert (res.exit_code, "warning" in res.stderr) == (0, False)
+
+
 def test_table_output_and_quiet(cli: CliRunnerFn, tmp_path: Path, registry: Path) -> None:
     f = tmp_path / "in.ndjson"
     f.write_bytes(ndjson(ITEMS))

@@ -33,6 +33,10 @@ COLUMNS = [
     "pricing_rule_version",
     "run_id",
     "created_at",
+    "accounting_period",
+    "uplink_bytes",
+    "downlink_bytes",
+    "included_bytes",
 ]
 
 
@@ -229,3 +233,99 @@ def test_help_has_examples(cli: Any) -> None:
     assert res.exit_code == 0
     assert "Examples:" in res.stdout
     assert "--totals" in res.stdout
+
+
+# --- accounting periods and posting time ------------------------------------------------
+
+
+@pytest.fixture
+def carried(db_url: str) -> str:
+    """November 2025 closed, then a late item: its correction is accounted in December."""
+    from billing_cli._time import parse_rfc3339_ns
+    from billing_cli.core.periods import parse_period
+    from billing_cli.store import open_store
+
+    def at(text: str, up: int) -> Item:
+        return Item(parse_rfc3339_ns(text), "n", "prod", None, [Sample("u1", "", "t", up, 0)])
+
+    store = open_store(db_url)
+    try:
+        run = store.start_run("ingest", [])
+        store.apply(
+            Batch([at("2025-11-30T23:50:00Z", 0), at("2025-11-30T23:58:00Z", 3000)], run, PRICING)
+        )
+        store.close_period(
+            parse_period("2025-11"), actor="ops", now_ns=parse_rfc3339_ns("2025-12-01T00:00:00Z")
+        )
+        store.apply(
+            Batch([at("2025-11-30T23:54:00Z", 1000)], store.start_run("reconcile", []), PRICING)
+        )
+    finally:
+        store.close()
+    return db_url
+
+
+def test_ledger_rows_name_their_accounting_period_and_bytes(cli: Any, carried: str) -> None:
+    rows = _json(cli("--db", carried, "ledger", "--json"))
+    assert [
+        (
+            r["bucket_start"],
+            r["revision"],
+            r["accounting_period"],
+            r["uplink_bytes"],
+            r["rated_bytes"],
+        )
+        for r in rows
+    ] == [
+        ("2025-11-30T23:54:00Z", 0, "2025-12", 1000, 1000),
+        ("2025-11-30T23:58:00Z", 0, "2025-11", 3000, 3000),
+        ("2025-11-30T23:58:00Z", 1, "2025-12", -1000, -1000),
+    ]
+    assert {(r["downlink_bytes"], r["included_bytes"]) for r in rows} == {(0, 0)}
+
+
+def test_period_selects_postings_by_accounting_period(cli: Any, carried: str) -> None:
+    nov = _json(cli("--db", carried, "ledger", "--json", "--period", "2025-11"))
+    assert [(r["bucket_start"], r["revision"]) for r in nov] == [("2025-11-30T23:58:00Z", 0)]
+    dec = _json(cli("--db", carried, "ledger", "--json", "--period", "2025-12"))
+    # December holds the correction of the November buckets (it names them).
+    assert [(r["bucket_start"], r["revision"]) for r in dec] == [
+        ("2025-11-30T23:54:00Z", 0),
+        ("2025-11-30T23:58:00Z", 1),
+    ]
+    # With --since/--until (bucket time) both apply.
+    assert (
+        _json(
+            cli(
+                "--db",
+                carried,
+                "ledger",
+                "--json",
+                "--period",
+                "2025-12",
+                "--since",
+                "2025-11-30T23:55:00Z",
+            )
+        )
+        == dec[1:]
+    )
+    totals = _json(cli("--db", carried, "ledger", "--json", "--totals", "--period", "2025-12"))
+    assert totals == [{"uuid": "u1", "rated_bytes": 0, "amount": "0.000000000", "currency": "EUR"}]
+
+
+def test_posted_since_and_until_filter_on_posting_time(
+    cli: Any, runs: tuple[str, int, int]
+) -> None:
+    url, run1, run2 = runs
+    rows = _json(cli("--db", url, "ledger", "--json"))
+    second = min(r["created_at"] for r in rows if r["run_id"] == run2)
+    late = _json(cli("--db", url, "ledger", "--json", "--posted-since", second))
+    assert {r["run_id"] for r in late} == {run2}
+    early = _json(cli("--db", url, "ledger", "--json", "--posted-until", second))
+    assert {r["run_id"] for r in early} == {run1}
+    assert len(late) + len(early) == len(rows)
+    res = cli("--db", url, "ledger", "--posted-since", second, "--posted-until", second)
+    assert res.exit_code == 2
+    assert "--posted-since" in res.stderr
+    res = cli("--db", url, "ledger", "--posted-since", "yesterday")
+    assert (res.exit_code, "--posted-since" in res.stderr) == (2, True)

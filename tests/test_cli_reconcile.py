@@ -246,3 +246,16 @@ def test_failed_source_exit_1(make: MakeEnv) -> None:
     assert row["status"] == "failed"
     assert "node-01-impostor" in row["error"]
     assert store_usage(env.db) == {}
+
+
+def test_without_a_price_reconcile_warns_that_everything_rates_at_zero(make: MakeEnv) -> None:
+    env = make(series=3, minutes=5)
+    assert env.run("collect").exit_code == 0
+    env.registry.write_text(env.sim.registry_toml + '\n[pricing]\ncurrency = "EUR"\n')
+    for args in (("--dry-run",), ()):
+        res = env.run("reconcile", "--source", "node-01", "--since", "1h", *args)
+        assert res.exit_code == 0, res.output
+        assert [line for line in res.stderr.splitlines() if line.startswith("warning:")] == [
+            f"warning: {env.registry}: [pricing] sets no price_per_unit: everything rates at "
+            'zero (set price_per_unit, "0" to make it free on purpose)'
+        ]

@@ -256,8 +256,10 @@ def test_json_schema_field_names_and_types(cli: Any, registry: Path, tmp_path: P
         "summary",
         "unattributed_integrity_events",
         "sources",
+        "pricing",
     }
     assert doc["schema_version"] == 2
+    assert doc["pricing"] in ("none", "configured")
     assert doc["generated_at"].endswith("Z")
     assert abs(parse_rfc3339_ns(doc["generated_at"]) - now_ns()) < 60 * NS_PER_SECOND
     assert isinstance(doc["healthy"], bool)
@@ -704,3 +706,19 @@ def test_output_writes_the_file_atomically(cli: Any, registry: Path, tmp_path: P
     bad = cli("status", "--registry", str(registry), "--db", db, "--output", str(target))
     assert bad.exit_code == 2
     assert "--output needs --format json or --format openmetrics" in bad.stderr
+
+
+def test_pricing_is_reported_so_zero_prices_are_never_silent(
+    cli: Any, registry: Path, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    _, doc = status_json(cli, registry, db)
+    assert doc["pricing"] == "none"  # REGISTRY has no [pricing]: everything rates at zero
+    res = cli("status", "--registry", str(registry), "--db", db)
+    assert "; pricing: none (no [pricing] table: everything rates at zero" in res.stdout
+    registry.write_text(REGISTRY + '\n[pricing]\nprice_per_unit = "0.05"\n')
+    _, doc = status_json(cli, registry, db)
+    assert doc["pricing"] == "configured"
+    res = cli("status", "--registry", str(registry), "--db", db)
+    assert "pricing:" not in res.stdout

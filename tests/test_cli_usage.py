@@ -274,3 +274,29 @@ def test_reader_closing_the_pipe_is_not_an_error(tmp_path: Path, fmt: str) -> No
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
     assert b"Error" not in err
+
+
+def test_period_selects_the_buckets_of_a_calendar_month(cli: Any, store_url: str) -> None:
+    rows = _json(cli("--db", store_url, "usage", "--json", "--period", "2026-11"))
+    assert sorted(rows, key=sort_key) == sorted(MINUTE_USAGE, key=sort_key)
+    assert _json(cli("--db", store_url, "usage", "--json", "--period", "2026-10")) == []
+    assert _json(cli("--db", store_url, "usage", "--json", "--period", "2026-12")) == []
+    totals = _json(cli("--db", store_url, "usage", "--json", "--totals", "--period", "2026-11"))
+    assert [r["uuid"] for r in totals] == ["u1", "u2"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--period", "2026-13"], "--period: not a period: '2026-13' (expected YYYY-MM"),
+        (["--period", "November"], "--period"),
+        (["--period", "2026-11", "--since", "2026-11-02T00:00:00Z"], "--period"),
+    ],
+)
+def test_bad_period_is_a_flag_error(
+    cli: Any, tmp_path: Path, flags: list[str], needle: str
+) -> None:
+    res = cli("--db", str(tmp_path / "none.db"), "usage", *flags)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr
+    assert len(res.stderr.splitlines()) == 1

@@ -159,17 +159,22 @@ def check(fleet: Fleet, rnd: random.Random, pricing: Pricing, make: Any) -> None
             "SELECT count(*) FROM buckets WHERE uplink_bytes < 0 OR downlink_bytes < 0"
         ) == [(0,)]
         # Each bucket's postings sum to its current rating and are numbered 0..n-1.
+        # ... and so do its bytes and included quota used (a statement reads only those).
         rows = db.execute(
             "SELECT b.series_id, b.bucket_start_ns, b.rated_bytes, b.amount_nano, b.revision,"
             " COALESCE(SUM(l.rated_bytes), 0), COALESCE(SUM(l.amount_nano), 0), count(l.entry_id),"
-            " COALESCE(max(l.revision), -1)"
+            " COALESCE(max(l.revision), -1), b.uplink_bytes, b.downlink_bytes, b.included_bytes,"
+            " COALESCE(SUM(l.uplink_bytes), 0), COALESCE(SUM(l.downlink_bytes), 0),"
+            " COALESCE(SUM(l.included_bytes), 0)"
             " FROM buckets b LEFT JOIN ledger_postings l ON l.series_id = b.series_id"
             " AND l.bucket_start_ns = b.bucket_start_ns"
-            " GROUP BY b.series_id, b.bucket_start_ns, b.rated_bytes, b.amount_nano, b.revision"
+            " GROUP BY b.series_id, b.bucket_start_ns, b.rated_bytes, b.amount_nano, b.revision,"
+            " b.uplink_bytes, b.downlink_bytes, b.included_bytes"
         )
         for r in rows:
             assert (int(r[2]), int(r[3])) == (int(r[5]), int(r[6]))
             assert int(r[4]) == int(r[7]) == int(r[8]) + 1
+            assert (int(r[9]), int(r[10]), int(r[11])) == (int(r[12]), int(r[13]), int(r[14]))
         # The per-uuid period sums (quota state) equal the sums of the buckets.
         sums = db.execute(
             "SELECT s.uuid, SUM(b.uplink_bytes), SUM(b.downlink_bytes), MAX(b.bucket_start_ns)"

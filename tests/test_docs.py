@@ -277,3 +277,56 @@ def test_checker_resolves_and_rejects() -> None:
         assert error is not None
     paths = documented_paths("`billing status` and `billing --db x nosuch`")
     assert paths == {("status",)}
+
+
+# --- the README's runnable examples run -----------------------------------------------------
+
+# A fenced shell block right after this marker is run as written by the test below.
+_RUNNABLE = re.compile(r"^<!-- docs-test: run -->\n```(?:sh|bash)\n(.*?)^```", re.S | re.M)
+
+
+def runnable_blocks() -> list[str]:
+    return _RUNNABLE.findall(readme_text())
+
+
+def test_the_readme_has_runnable_examples() -> None:
+    blocks = runnable_blocks()
+    assert len(blocks) >= 2
+    assert any("billing period close" in b and "cmp" in b for b in blocks)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("index", range(len(_RUNNABLE.findall(README.read_text()))))
+def test_readme_examples_run(
+    index: int, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Each marked block runs in a fresh directory with `bash -euo pipefail` and the
+    installed `billing` on PATH: every command in it must succeed (the blocks check their
+    own claims, e.g. with `cmp`)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    block = runnable_blocks()[index]
+    if " jq " in block and shutil.which("jq") is None:
+        pytest.skip("this README example pipes into jq, which is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "EXPORTER_"))}
+    env.pop("DATABASE_URL", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if backend == "postgres":
+        env["BILLING_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, f"README example {index} failed:\n{res.stdout}\n{res.stderr}"
+    assert "Traceback" not in res.stderr
+    if "billing period close" in block:
+        assert "November: unchanged" in res.stdout
+        assert "refused (exit 2): November is closed" in res.stdout

@@ -84,6 +84,9 @@ base_url = "https://127.0.0.1:{port}"
 auth_mode = "bearer"
 credential_ref = "file:{tmp_path / "token"}"
 ca_bundle_ref = "file:{tmp_path / "ca.pem"}"
+
+[pricing]
+price_per_unit = "0.01"
 """
     )
     res = _billing(["collect"], tmp_path, terminal=terminal)

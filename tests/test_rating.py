@@ -233,10 +233,10 @@ def test_quota_consumed_in_time_then_series_key_order_and_crosses_inside_bucket(
     ]
     # with 250 included: a@T0 100 free, b@T0 100 free, a@t1 50 free + 50 billable, b@t1 billable
     assert rate_sequence(p, "u1", buckets, 0) == [
-        Rating(100, 50),
-        Rating(100, 0),
-        Rating(100, 0),
-        Rating(100, 100),
+        Rating(100, 50, 50),
+        Rating(100, 0, 100),
+        Rating(100, 0, 100),
+        Rating(100, 100, 0),
     ]
 
 
@@ -247,10 +247,10 @@ def test_quota_uses_consumed_before_and_per_uuid_default() -> None:
         included_bytes_default=1000,
         included_bytes={"vip": 5000},
     )
-    assert rate_sequence(p, "u1", [bucket(600, 0)], 500) == [Rating(600, 100)]
-    assert rate_sequence(p, "u1", [bucket(600, 0)], 2000) == [Rating(600, 600)]
+    assert rate_sequence(p, "u1", [bucket(600, 0)], 500) == [Rating(600, 100, 500)]
+    assert rate_sequence(p, "u1", [bucket(600, 0)], 2000) == [Rating(600, 600, 0)]
     vip = SeriesKey("node-a", "prod", "vip", "vless")
-    assert rate_sequence(p, "vip", [bucket(600, 0, key=vip)], 4800) == [Rating(600, 400)]
+    assert rate_sequence(p, "vip", [bucket(600, 0, key=vip)], 4800) == [Rating(600, 400, 200)]
 
 
 def test_quota_is_consumed_by_charged_bytes_only() -> None:
@@ -259,16 +259,16 @@ def test_quota_is_consumed_by_charged_bytes_only() -> None:
     assert rate_sequence(
         p, "u1", [bucket(1000, 4), bucket(1000, 10, at=T0 + NS_PER_MINUTE)], 0
     ) == [
-        Rating(4, 0),
-        Rating(10, 4 * 10**9),
+        Rating(4, 0, 4),
+        Rating(10, 4 * 10**9, 6),
     ]
 
 
 def test_rate_bucket_returns_remaining_quota() -> None:
     p = pricing(unit="B", price_per_unit="1")
-    assert rate_bucket(p, bucket(30, 0), 100) == (Rating(30, 0), 70)
-    assert rate_bucket(p, bucket(130, 0), 100) == (Rating(130, 30 * 10**9), 0)
-    assert rate_bucket(p, bucket(5, 0)) == (Rating(5, 5 * 10**9), 0)
+    assert rate_bucket(p, bucket(30, 0), 100) == (Rating(30, 0, 30), 70)
+    assert rate_bucket(p, bucket(130, 0), 100) == (Rating(130, 30 * 10**9, 100), 0)
+    assert rate_bucket(p, bucket(5, 0)) == (Rating(5, 5 * 10**9, 0), 0)
 
 
 # --- rounding ----------------------------------------------------------------------------

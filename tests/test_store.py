@@ -456,21 +456,54 @@ def test_schema_created_on_first_use_and_reopen_keeps_data(db_url: str) -> None:
     s2.close()
 
 
+def _previous_release(db_url: str, version: int, monkeypatch: pytest.MonkeyPatch) -> SqlStore:
+    """A store whose schema is at ``version``, as that release created it (its rows are
+    then written with plain SQL: today's apply writes today's columns)."""
+    from billing_cli.store import _common, schema
+
+    with monkeypatch.context() as m:
+        m.setattr(_common, "SCHEMA_VERSION", version)
+        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:version])
+        s = cast(SqlStore, open_store(db_url))
+    assert s.db.execute("SELECT max(version) FROM schema_version") == [(version,)]
+    return s
+
+
+def _old_rows(s: SqlStore, series: list[tuple[Any, ...]], **tables: list[tuple[Any, ...]]) -> None:
+    """Insert rows as an older release wrote them (its column lists)."""
+    cols = {
+        "observations": "series_id, collected_at_ns, uplink_total, downlink_total, counter_epoch,"
+        " run_id, source_id",
+        "buckets": "series_id, bucket_start_ns, uplink_bytes, downlink_bytes, rated_bytes,"
+        " amount_nano, revision",
+        "ledger_postings": "series_id, bucket_start_ns, revision, entry_type, rated_bytes,"
+        " amount_nano, currency, pricing_rule_version, run_id, created_at_ns",
+    }
+    with s.db.transaction():
+        s.db.executemany(
+            "INSERT INTO series (series_id, node_id, env, uuid, inbound_tag, email,"
+            " head_collected_at_ns, head_uplink, head_downlink, head_epoch)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            series,
+        )
+        for table, rows in tables.items():
+            marks = ",".join("?" * len(cols[table].split(",")))
+            s.db.executemany(f"INSERT INTO {table} ({cols[table]}) VALUES ({marks})", rows)
+
+
 def test_a_version_1_database_is_migrated_on_first_use(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing_cli.store import _common, schema
-
-    with monkeypatch.context() as m:  # what the previous release created
-        m.setattr(_common, "SCHEMA_VERSION", 1)
-        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:1])
-        m.setattr(SqlStore, "_skip_applied_items", lambda self, items: (items, 0, {}))
-        s = open_store(db_url)
-        page = [item(T0, ("a", 0, 0)), item(T0 + M, ("a", 7, 0))]
-        s.apply(Batch(page, s.start_run("ingest", []), PRICING))
-        db = cast(SqlStore, s).db
-        assert db.execute("SELECT max(version) FROM schema_version") == [(1,)]
-        s.close()
+    s = _previous_release(db_url, 1, monkeypatch)
+    _old_rows(
+        s,
+        [(1, "n1", "prod", "a", "vless", "a@x", T0 + M, 7, 0, None)],
+        observations=[(1, T0, 0, 0, None, 1, "s1"), (1, T0 + M, 7, 0, None, 1, "s1")],
+        buckets=[(1, T0 + M, 7, 0, 7, 3_500_000, 1)],
+        ledger_postings=[(1, T0 + M, 0, "charge", 7, 3_500_000, "EUR", "r7", 1, T0)],
+    )
+    s.close()
+    page = [item(T0, ("a", 0, 0)), item(T0 + M, ("a", 7, 0))]
     s2 = open_store(db_url)
     try:
         db = cast(SqlStore, s2).db
@@ -519,6 +552,80 @@ def test_a_version_2_database_gains_the_freshness_columns(
         cp = s2.get_checkpoint("s1")
         assert cp is not None
         assert (cp.newest_collected_at_ns, cp.first_succeeded_at_ns) == (T0, T0 + 2 * M)
+    finally:
+        s2.close()
+
+
+def test_a_version_3_database_gets_accounting_periods_on_first_use(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing_cli._time import parse_rfc3339_ns as ts
+
+    nov_last = ts("2026-11-30T23:59:00Z")
+    dec_first = ts("2026-12-01T00:00:00Z")
+    before_1970 = ts("1969-12-31T23:59:00Z")
+    s = _previous_release(db_url, 3, monkeypatch)
+    _old_rows(
+        s,
+        [
+            (1, "n1", "prod", "a", "vless", "a@x", dec_first + 5, 11, 3, None),
+            (2, "n1", "prod", "b", "vless", "b@x", before_1970 + 5, 1, 1, None),
+        ],
+        observations=[
+            (1, nov_last - M + 5, 0, 0, None, 1, "s1"),
+            (1, nov_last + 5, 7, 3, None, 1, "s1"),
+            (1, dec_first + 5, 11, 3, None, 2, "s1"),
+        ],
+        buckets=[
+            (1, nov_last, 7, 3, 10, 5_000_000, 2),
+            (1, dec_first, 4, 0, 4, 2_000_000, 1),
+            (2, before_1970, 1, 1, 2, 1_000_000, 1),
+        ],
+        ledger_postings=[
+            (1, nov_last, 0, "charge", 8, 4_000_000, "EUR", "r7", 1, nov_last),
+            (1, nov_last, 1, "adjustment", 2, 1_000_000, "EUR", "r7", 2, dec_first),
+            (1, dec_first, 0, "charge", 4, 2_000_000, "EUR", "r7", 2, dec_first),
+            (2, before_1970, 0, "charge", 2, 1_000_000, "EUR", "r7", 1, before_1970),
+        ],
+    )
+    s.close()
+    s2 = cast(SqlStore, open_store(db_url))
+    try:
+        db = s2.db
+        assert db.execute("SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+        # Every existing posting is accounted in its bucket's month (both SQL dialects'
+        # month arithmetic agree with the Python one, before 1970 too) ...
+        rows = db.execute(
+            "SELECT uuid, bucket_start_ns, revision, accounting_period, period_start_ns,"
+            " uplink_bytes, downlink_bytes, included_bytes FROM billing_ledger"
+            " ORDER BY uuid, bucket_start_ns, revision"
+        )
+        assert [tuple(r) for r in rows] == [
+            # ... and each bucket's bytes are carried by its first posting, so the ledger
+            # adds up to the buckets (the included quota used was not stored: 0).
+            ("a", nov_last, 0, "2026-11", ts("2026-11-01T00:00:00Z"), 7, 3, 0),
+            ("a", nov_last, 1, "2026-11", ts("2026-11-01T00:00:00Z"), 0, 0, 0),
+            ("a", dec_first, 0, "2026-12", dec_first, 4, 0, 0),
+            ("b", before_1970, 0, "1969-12", ts("1969-12-01T00:00:00Z"), 1, 1, 0),
+        ]
+        assert db.execute("SELECT count(*) FROM closed_periods") == [(0,)]
+        # Still append-only after the migration touched the rows.
+        with pytest.raises(db.errors), db.transaction():
+            db.execute("UPDATE ledger_postings SET amount_nano = 0")
+        # The migrated store keeps working: a late item splits the delta between the
+        # November and the December bucket; each difference is posted in its own (open)
+        # period, with its bytes.
+        run = s2.start_run("ingest", [])
+        rep = s2.apply(Batch([item(nov_last + 30, ("a", 9, 3))], run, PRICING))
+        assert rep.postings == 2
+        new = [r for r in s2.iter_ledger(RowFilter()) if r.entry_id > 4]  # 4 were migrated
+        assert [
+            (r.bucket_start_ns, r.revision, r.period_start_ns, r.uplink_bytes, r.amount_nano)
+            for r in new
+        ] == [
+            (nov_last, 2, ts("2026-11-01T00:00:00Z"), 2, 1_000_000),
+            (dec_first, 1, dec_first, -2, -1_000_000),
+        ]
     finally:
         s2.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from billing_cli._errors import UsageError
 from billing_cli._time import TimeFormatError, parse_duration_seconds, parse_time_arg
+from billing_cli.core.periods import PeriodFormatError, parse_period
 
 
 def time_flag(flag: str, value: str | None, *, now: int | None = None) -> int | None:
@@ -13,6 +14,16 @@ def time_flag(flag: str, value: str | None, *, now: int | None = None) -> int | 
     try:
         return parse_time_arg(value, now=now)
     except TimeFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def period_flag(flag: str, value: str | None) -> int | None:
+    """An accounting period ``YYYY-MM`` (a calendar month, UTC): its start."""
+    if value is None:
+        return None
+    try:
+        return parse_period(value)
+    except PeriodFormatError as exc:
         raise UsageError(f"{flag}: {exc}") from None
 
 

@@ -28,8 +28,9 @@ from rich.table import Table
 from billing_cli._errors import StoreError, UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
-from billing_cli.cli._flags import time_flag
+from billing_cli.cli._flags import period_flag, time_flag
 from billing_cli.collect.locks import sqlite_path
+from billing_cli.core.periods import period_end_ns
 from billing_cli.store.base import RowFilter
 
 if TYPE_CHECKING:
@@ -59,6 +60,10 @@ SinceOption = Annotated[
 UntilOption = Annotated[
     str | None,
     typer.Option("--until", help="Buckets starting before this time (RFC3339 or 2h)."),
+]
+PeriodOption = Annotated[
+    str | None,
+    typer.Option("--period", metavar="YYYY-MM", help="Only this calendar month (UTC)."),
 ]
 FormatOption = Annotated[
     str,
@@ -96,12 +101,40 @@ def build_filter(
     uuid: str | None,
     since: str | None,
     until: str | None,
+    period: str | None = None,
+    accounting_period: bool = False,
+    posted_since: str | None = None,
+    posted_until: str | None = None,
 ) -> RowFilter:
-    """The store filter for the common flags; ``--source`` resolves through the registry."""
+    """The store filter for the common flags; ``--source`` resolves through the registry.
+
+    ``--period`` selects bucket times (``usage``: the same as ``--since``/``--until`` of
+    the month, so not beside them), or with ``accounting_period`` the postings accounted
+    in that period (``ledger``: corrections carried in included; bucket times still
+    filter with ``--since``/``--until``).
+    """
     since_ns = time_flag("--since", since)
     until_ns = time_flag("--until", until)
     if since_ns is not None and until_ns is not None and since_ns >= until_ns:
         raise UsageError(f"--since ({since}) must be before --until ({until})")
+    period_ns = period_flag("--period", period)
+    if period_ns is not None and not accounting_period:
+        if since_ns is not None or until_ns is not None:
+            raise UsageError(
+                "--period selects the month's bucket times: give --period or --since/--until, "
+                "not both"
+            )
+        since_ns, until_ns = period_ns, period_end_ns(period_ns)
+    posted_since_ns = time_flag("--posted-since", posted_since)
+    posted_until_ns = time_flag("--posted-until", posted_until)
+    if (
+        posted_since_ns is not None
+        and posted_until_ns is not None
+        and posted_since_ns >= posted_until_ns
+    ):
+        raise UsageError(
+            f"--posted-since ({posted_since}) must be before --posted-until ({posted_until})"
+        )
     pairs: tuple[tuple[str, str], ...] = ()
     if sources:
         registry = app.load_registry()
@@ -116,6 +149,9 @@ def build_filter(
         since_ns=since_ns,
         until_ns=until_ns,
         series_filters=pairs,
+        period_start_ns=period_ns if accounting_period else None,
+        posted_since_ns=posted_since_ns,
+        posted_until_ns=posted_until_ns,
     )
 
 

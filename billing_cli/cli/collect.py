@@ -35,6 +35,7 @@ from billing_cli._time import (
 )
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import duration_flag, time_flag
+from billing_cli.cli._pricing import warn_if_unpriced
 from billing_cli.cli._pull import (
     echo_failures,
     exit_code_for,
@@ -171,6 +172,7 @@ def collect_command(
             )
             for sid in got
         ]
+        warn_if_unpriced(app, registry)
         run_id = store.start_run("collect", [s.source_id for s in due])
         outcomes = locked_outcomes(by_id, locked, now)
         settings = PullSettings(

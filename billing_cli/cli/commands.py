@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ingest", "ingest_command"),
     "usage": ("usage", "usage_command"),
     "ledger": ("ledger", "ledger_command"),
+    "statement": ("statement", "statement_command"),
+    "period": ("period", "app"),
+    "rerate": ("rerate", "rerate_command"),
     "demo": ("demo", "demo_command"),
 }
 

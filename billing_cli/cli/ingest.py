@@ -29,6 +29,7 @@ from rich.table import Table
 from billing_cli._errors import IdentityMismatchError, InputError, StoreError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._pricing import warn_if_unpriced
 from billing_cli.core.money import format_amount
 from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
@@ -37,6 +38,8 @@ from billing_cli.wire import WireFormatError, iter_ingest
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
+    from billing_cli.registry.model import Registry
 
 log = logging.getLogger("billing_cli.ingest")
 
@@ -107,7 +110,8 @@ def ingest_command(
     ] = DEFAULT_BATCH_SAMPLES,
 ) -> None:
     app = get_context(ctx)
-    pricing, identity = _pricing_and_identity(app, source)
+    registry, identity = _registry_and_identity(app, source)
+    pricing = None if registry is None else registry.pricing
     with _open_input(file) as (stream, name):
         stats = _validate(stream, name, batch_samples, source, identity)
         validated = io.BufferedReader(_Head(stream, stream.tell()), 1 << 20)
@@ -121,6 +125,8 @@ def ingest_command(
                     highlight=False,
                 )
             pricing = Pricing()
+        elif registry is not None:
+            warn_if_unpriced(app, registry)
         report, run_id, stats.batches = _apply(
             app, cast(BinaryIO, validated), name, batch_samples, source, identity, pricing, stats
         )
@@ -130,17 +136,17 @@ def ingest_command(
 # --- setup --------------------------------------------------------------------------------
 
 
-def _pricing_and_identity(
+def _registry_and_identity(
     app: AppContext, source: str | None
-) -> tuple[Pricing | None, tuple[str, str] | None]:
-    """Pricing and the source's (node_id, env); pricing ``None``: no registry file at all."""
+) -> tuple[Registry | None, tuple[str, str] | None]:
+    """The registry and the source's (node_id, env); ``None``: no registry file at all."""
     if source is None and not app.registry_explicit and not app.registry_path.exists():
         return None, None
     registry = app.load_registry()
     if source is None:
-        return registry.pricing, None
+        return registry, None
     src = registry.get(source)
-    return registry.pricing, (src.node_id, src.env)
+    return registry, (src.node_id, src.env)
 
 
 @contextmanager

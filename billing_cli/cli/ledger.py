@@ -26,6 +26,7 @@ from billing_cli.cli._rows import (
     write_rows,
 )
 from billing_cli.core.money import format_amount
+from billing_cli.core.periods import format_period
 from billing_cli.store.base import LedgerRow
 
 HELP = """\
@@ -33,13 +34,18 @@ Show ledger postings: per bucket a charge (revision 0), then adjustments that ca
 the difference when late data or a reconcile re-rated it. The postings of a bucket add up
 to its current rating; nothing is ever updated or deleted.
 
-Filters apply to the bucket the posting belongs to (--since inclusive, --until exclusive,
-RFC3339 with a zone or a duration ago such as 2h or 7d). amount is a decimal string in
-currency units with nine decimals (exact; never a float). --totals prints one row per
-uuid and currency (uuid, rated_bytes, amount, currency): what to invoice. --format json
-gives a list of objects (entry_id, node_id, env, uuid, inbound_tag, bucket_start,
-revision, entry_type, rated_bytes, amount, currency, pricing_rule_version, run_id,
-created_at); csv has the same columns.
+Every posting is accounted in a period (a calendar month, UTC): its bucket's month, or,
+when it corrects a bucket of a closed period, the first open period after it.
+--period YYYY-MM selects the postings accounted in that period (what its statement adds
+up). --since (inclusive) and --until (exclusive) filter on the bucket the posting belongs
+to, --posted-since/--posted-until on when it was posted; each RFC3339 with a zone or a
+duration ago such as 2h or 7d. amount is a decimal string in currency units with nine
+decimals (exact; never a float). --totals prints one row per uuid and currency (uuid,
+rated_bytes, amount, currency). --format json gives a list of objects (entry_id,
+node_id, env, uuid, inbound_tag, bucket_start, revision, entry_type, rated_bytes,
+amount, currency, pricing_rule_version, run_id, created_at, accounting_period,
+uplink_bytes, downlink_bytes, included_bytes: the differences each posting carries);
+csv has the same columns.
 
 Exit status: 0 on success (also when no row matches), 2 on a bad flag, registry or
 --source, 4 when the database is missing or cannot be read.
@@ -49,6 +55,10 @@ Examples:
   billing ledger --since 1h
 
   billing ledger --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z --totals
+
+  billing ledger --period 2026-12 --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z
+
+  billing ledger --posted-since 24h --format json
 
   billing ledger --uuid 6f1c2e9a-0000-4000-8000-000000000001 --format json
 
@@ -72,9 +82,24 @@ COLUMNS = (
     "pricing_rule_version",
     "run_id",
     "created_at",
+    "accounting_period",
+    "uplink_bytes",
+    "downlink_bytes",
+    "included_bytes",
 )
 TOTAL_COLUMNS = ("uuid", "rated_bytes", "amount", "currency")
-_NUMERIC = frozenset({"entry_id", "revision", "rated_bytes", "amount", "run_id"})
+_NUMERIC = frozenset(
+    {
+        "entry_id",
+        "revision",
+        "rated_bytes",
+        "amount",
+        "run_id",
+        "uplink_bytes",
+        "downlink_bytes",
+        "included_bytes",
+    }
+)
 
 
 def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
@@ -94,6 +119,10 @@ def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
             "pricing_rule_version": r.pricing_rule_version,
             "run_id": r.run_id,
             "created_at": format_time(r.created_at_ns),
+            "accounting_period": format_period(r.period_start_ns),
+            "uplink_bytes": r.uplink_bytes,
+            "downlink_bytes": r.downlink_bytes,
+            "included_bytes": r.included_bytes,
         }
 
 
@@ -122,6 +151,22 @@ def ledger_command(
     uuid: UuidOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
+    period: Annotated[
+        str | None,
+        typer.Option(
+            "--period",
+            metavar="YYYY-MM",
+            help="Only postings accounted in this period (corrections carried in included).",
+        ),
+    ] = None,
+    posted_since: Annotated[
+        str | None,
+        typer.Option("--posted-since", help="Postings made at or after this time (RFC3339 or 2h)."),
+    ] = None,
+    posted_until: Annotated[
+        str | None,
+        typer.Option("--posted-until", help="Postings made before this time (RFC3339 or 2h)."),
+    ] = None,
     totals: Annotated[
         bool,
         typer.Option("--totals", help="One row per uuid (and currency): rated bytes, amount."),
@@ -132,7 +177,17 @@ def ledger_command(
     app = get_context(ctx)
     out_fmt = output_format(fmt, as_json)
     flt = build_filter(
-        app, sources=source or (), node_id=node_id, env=env, uuid=uuid, since=since, until=until
+        app,
+        sources=source or (),
+        node_id=node_id,
+        env=env,
+        uuid=uuid,
+        since=since,
+        until=until,
+        period=period,
+        accounting_period=True,
+        posted_since=posted_since,
+        posted_until=posted_until,
     )
     with open_existing_store(app) as store, closing_rows(store.iter_ledger(flt)) as rows:
         if totals:

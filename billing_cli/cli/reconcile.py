@@ -29,6 +29,7 @@ from billing_cli._errors import UsageError
 from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import time_flag
+from billing_cli.cli._pricing import warn_if_unpriced
 from billing_cli.cli._pull import (
     echo_failures,
     exit_code_for,
@@ -131,6 +132,7 @@ def reconcile_command(
         raise UsageError("no enabled window-API source to reconcile")
 
     defaults = registry.defaults
+    warn_if_unpriced(app, registry)
     with store_and_locks(app) as (store, locks):
         got, locked = locks.acquire([s.source_id for s in selected])
         by_id = {s.source_id: s for s in selected}

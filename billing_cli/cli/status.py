@@ -26,6 +26,7 @@ from billing_cli._errors import ExitCode, StoreError, UsageError, one_line
 from billing_cli._time import format_duration, format_rfc3339_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._flags import duration_flag
+from billing_cli.cli._pricing import pricing_state
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Delivery, Freshness, Health, Verdict, all_healthy, classify
 from billing_cli.store.base import Checkpoint, SourceRunResult
@@ -389,6 +390,9 @@ def status_command(
     app_ctx = get_context(ctx)
     statuses, unattributed = collect_status(app_ctx, source or [], max_lag, now)
     doc = status_document(statuses, unattributed, now)
+    # No silent zero prices (issue 11): "none" when the registry sets no price.
+    registry = app_ctx.load_registry()
+    doc["pricing"] = pricing_state(registry)
     text: str | None = None
     if fmt == "json":
         text = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
@@ -409,6 +413,8 @@ def status_command(
         line = ", ".join(f"{n} {h}" for h, n in summary.items() if n) or "no sources"
         if unattributed:
             line += f"; {unattributed} integrity event(s) without a source"
+        if doc["pricing"] == "none":
+            line += f"; pricing: none ({registry.unpriced_reason()})"
         app_ctx.out.print(line, markup=False, highlight=False)
     code = ExitCode.OK if doc["healthy"] else ExitCode.FAILED
     raise typer.Exit(int(code))

@@ -16,6 +16,7 @@ from billing_cli.cli._rows import (
     FormatOption,
     JsonOption,
     NodeIdOption,
+    PeriodOption,
     SinceOption,
     SourcesOption,
     UntilOption,
@@ -34,7 +35,8 @@ HELP = """\
 Show usage buckets: bytes per series (node_id, env, uuid, inbound_tag) per minute.
 
 Times are bucket starts in UTC; --since is inclusive and --until exclusive, each RFC3339
-with a zone or a duration meaning "that long ago" (2h, 7d). With no filter, every row is
+with a zone or a duration meaning "that long ago" (2h, 7d); --period YYYY-MM is one
+calendar month (UTC) of bucket starts. With no filter, every row is
 shown. --by hour|day adds up the minute buckets of each series per hour or UTC day.
 --totals prints one row per uuid instead. --format json gives a list of objects
 (node_id, env, uuid, inbound_tag, bucket_start, uplink_bytes, downlink_bytes,
@@ -48,6 +50,8 @@ Examples:
   billing usage --since 1h
 
   billing usage --uuid 6f1c2e9a-0000-4000-8000-000000000001 --by day
+
+  billing usage --period 2026-11 --totals
 
   billing usage --source node-a-prod --since 2026-11-01T00:00:00Z --until 2026-12-01T00:00:00Z
 
@@ -132,6 +136,7 @@ def usage_command(
     uuid: UuidOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
+    period: PeriodOption = None,
     by: Annotated[
         str,
         typer.Option(
@@ -149,7 +154,14 @@ def usage_command(
     app = get_context(ctx)
     out_fmt = output_format(fmt, as_json)
     flt = build_filter(
-        app, sources=source or (), node_id=node_id, env=env, uuid=uuid, since=since, until=until
+        app,
+        sources=source or (),
+        node_id=node_id,
+        env=env,
+        uuid=uuid,
+        since=since,
+        until=until,
+        period=period,
     )
     with open_existing_store(app) as store, closing_rows(store.iter_usage(flt)) as rows:
         if totals:

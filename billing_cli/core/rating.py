@@ -27,13 +27,14 @@ Rules (the README's pricing reference restates them):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from billing_cli._time import NS_PER_SECOND, datetime_to_ns
+from billing_cli._time import NS_PER_SECOND
 from billing_cli.core.money import NANO_PER_UNIT, round_half_even
+from billing_cli.core.periods import period_of
 from billing_cli.core.types import SeriesKey
 from billing_cli.pricing import Pricing
 
@@ -52,21 +53,22 @@ class BucketForRating(NamedTuple):
 
 
 class Rating(NamedTuple):
-    """A bucket's current rating: charged bytes (before quota) and amount in nano-units."""
+    """A bucket's current rating: charged bytes (before quota), amount in nano-units, and
+    how many of the charged bytes the included quota covered."""
 
     rated_bytes: int
     amount_nano: int
+    included_bytes: int = 0
 
 
-ZERO_RATING = Rating(0, 0)
+ZERO_RATING = Rating(0, 0, 0)
 
 
 def period_start_ns(bucket_start_ns: int, pricing: Pricing) -> int:
     """Start of the billing period containing ``bucket_start_ns``: the calendar month, UTC."""
     if pricing.period != "month":  # pragma: no cover - the model only admits "month"
         raise ValueError(f"unsupported billing period {pricing.period!r}")
-    dt = datetime.fromtimestamp(bucket_start_ns // NS_PER_SECOND, tz=UTC)
-    return datetime_to_ns(datetime(dt.year, dt.month, 1, tzinfo=UTC))
+    return period_of(bucket_start_ns)
 
 
 def charged_bytes(pricing: Pricing, uplink: int, downlink: int) -> int:
@@ -186,8 +188,8 @@ class Rater:
         charged = charged_bytes(self.pricing, bucket.uplink, bucket.downlink)
         used = min(max(free_bytes_available, 0), charged)
         billable = charged - used
-        rating = Rating(charged, self.amount_nano(bucket.key, bucket.bucket_start_ns, billable))
-        return rating, max(free_bytes_available, 0) - used
+        amount = self.amount_nano(bucket.key, bucket.bucket_start_ns, billable)
+        return Rating(charged, amount, used), max(free_bytes_available, 0) - used
 
     def rate_sequence(
         self, uuid: str, buckets: Sequence[BucketForRating], consumed_before: int

@@ -83,9 +83,15 @@ def registry_from_data(data: dict[str, Any], path: Path, *, legacy: bool = False
         sid = raw.get("source_id")
         label = f"source '{sid}':" if isinstance(sid, str) and sid else f"[[sources]] entry {i}:"
         sources.append(_validate(SourceConfig, raw, path, label))
+    raw_pricing = data.get("pricing")
     try:
         return Registry(
-            path=path, sources=sources, defaults=defaults, pricing=pricing, legacy=legacy
+            path=path,
+            sources=sources,
+            defaults=defaults,
+            pricing=pricing,
+            pricing_keys=None if raw_pricing is None else tuple(raw_pricing),
+            legacy=legacy,
         )
     except ValidationError as exc:
         raise RegistryError(f"{path}: {_describe(exc.errors(), fields=())}") from None

@@ -374,6 +374,9 @@ class Registry(BaseModel):
     sources: list[SourceConfig] = Field(default_factory=list)
     defaults: Defaults = Field(default_factory=Defaults)
     pricing: Pricing = Field(default_factory=Pricing)
+    # The keys the [pricing] table set, None without a [pricing] table: a price that was
+    # never written rates everything at zero, and must never do so silently.
+    pricing_keys: tuple[str, ...] | None = None
     legacy: bool = False
 
     @model_validator(mode="after")
@@ -399,6 +402,20 @@ class Registry(BaseModel):
                     f" must be shorter than collect_interval ({src.effective_collect_interval})"
                 )
         return self
+
+    def unpriced_reason(self) -> str | None:
+        """Why everything rates at zero without anyone having said so, or None."""
+        if self.pricing_keys is None:
+            return (
+                "no [pricing] table: everything rates at zero "
+                "(add [pricing] with price_per_unit to rate)"
+            )
+        if "price_per_unit" not in self.pricing_keys:
+            return (
+                "[pricing] sets no price_per_unit: everything rates at zero "
+                '(set price_per_unit, "0" to make it free on purpose)'
+            )
+        return None
 
     @property
     def ids(self) -> list[str]:

@@ -32,10 +32,12 @@ import orjson
 
 from billing_cli._errors import StoreError
 from billing_cli._time import NS_PER_SECOND, now_ns
-from billing_cli.core import ledger, rating
+from billing_cli.core import ledger, periods, rating
 from billing_cli.core.metering import diff_series, minute_of
+from billing_cli.core.statement import Statement
 from billing_cli.core.types import Item, Observation, SeriesKey
 from billing_cli.pricing import Pricing
+from billing_cli.store import _periods
 from billing_cli.store.base import (
     ApplyReport,
     Batch,
@@ -44,6 +46,9 @@ from billing_cli.store.base import (
     IntegrityEvent,
     IntegrityKind,
     LedgerRow,
+    PeriodClose,
+    PeriodTotals,
+    RerateReport,
     RowFilter,
     RunKind,
     SourceRunResult,
@@ -109,7 +114,8 @@ class Dialect(ABC):
 
     @abstractmethod
     def update_buckets(self, rows: Sequence[Row]) -> None:
-        """Rows: (uplink, downlink, rated, amount, revision, series_id, bucket_start_ns)."""
+        """Rows: (uplink, downlink, rated, amount, revision, included, series_id,
+        bucket_start_ns)."""
 
     def insert_observations(self, rows: Sequence[Row]) -> None:
         """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id)."""
@@ -124,6 +130,10 @@ class Dialect(ABC):
 
     def migration_lock(self) -> None:  # noqa: B027 - optional hook, SQLite needs none
         """Serialise concurrent first-use migrations (inside the migration transaction)."""
+
+    def lock_periods(self, *, exclusive: bool) -> None:  # noqa: B027 - SQLite needs none
+        """Inside a transaction: shared by writers of postings, exclusive for a close
+        (SQLite's BEGIN IMMEDIATE already serialises every writer)."""
 
 
 # Items this close to the newest item of their node in a batch get their digest stored:
@@ -188,9 +198,10 @@ class _Bucket:
     amount: int
     revision: int
     existed: bool
-    old_uplink: int
+    old_uplink: int  # also what its postings add up to (every change of bytes is posted)
     old_downlink: int
     rating_dirty: bool = False  # rating state changed, bytes did not (quota re-rating)
+    included: int = 0  # included quota used by its current rating
 
 
 _OBS_COLS = (
@@ -210,6 +221,7 @@ _BUCKET_COLS = (
     "rated_bytes",
     "amount_nano",
     "revision",
+    "included_bytes",
 )
 _LEDGER_COLS = (
     "series_id",
@@ -222,6 +234,10 @@ _LEDGER_COLS = (
     "pricing_rule_version",
     "run_id",
     "created_at_ns",
+    "period_start_ns",
+    "uplink_bytes",
+    "downlink_bytes",
+    "included_bytes",
 )
 _ADD_UUID_USAGE = (
     "INSERT INTO uuid_period_usage AS t (uuid, period_start_ns, uplink_bytes, downlink_bytes,"
@@ -231,6 +247,7 @@ _ADD_UUID_USAGE = (
     " last_bucket_start_ns = CASE WHEN excluded.last_bucket_start_ns > t.last_bucket_start_ns"
     " THEN excluded.last_bucket_start_ns ELSE t.last_bucket_start_ns END"
 )
+_CLOSED_SET_SQL = "SELECT period_start_ns FROM closed_periods"
 _EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
     " source_id, run_id, detail, created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -372,11 +389,12 @@ class SqlStore:
 
     # --- runs ---------------------------------------------------------------------------
 
-    def start_run(self, kind: RunKind, sources: list[str]) -> int:
+    def start_run(self, kind: RunKind, sources: list[str], actor: str | None = None) -> int:
         with self._guard("start a run"), self.db.transaction():
             rows = self.db.execute(
-                "INSERT INTO runs (kind, sources, started_at_ns) VALUES (?,?,?) RETURNING run_id",
-                (kind, json.dumps(sources), now_ns()),
+                "INSERT INTO runs (kind, sources, started_at_ns, actor) VALUES (?,?,?,?)"
+                " RETURNING run_id",
+                (kind, json.dumps(sources), now_ns(), actor),
             )
             return int(rows[0][0])
 
@@ -500,13 +518,27 @@ class SqlStore:
 
     # --- reads ----------------------------------------------------------------------------
 
-    def _where(self, flt: RowFilter, time_col: str) -> tuple[str, list[Any]]:
+    def _where(
+        self, flt: RowFilter, time_col: str, *, ledger: bool = False
+    ) -> tuple[str, list[Any]]:
         conds: list[str] = []
         params: list[Any] = []
         for col, val in (("node_id", flt.node_id), ("env", flt.env), ("uuid", flt.uuid)):
             if val is not None:
                 conds.append(f"s.{col} = ?")
                 params.append(val)
+        if flt.uuids:
+            conds.append(f"s.uuid IN ({','.join('?' * len(flt.uuids))})")
+            params.extend(flt.uuids)
+        if ledger:
+            # (the accounting period selects the table itself: see iter_ledger)
+            for cond, bound in (
+                ("l.created_at_ns >= ?", flt.posted_since_ns),
+                ("l.created_at_ns < ?", flt.posted_until_ns),
+            ):
+                if bound is not None:
+                    conds.append(cond)
+                    params.append(bound)
         if flt.since_ns is not None:
             conds.append(f"{time_col} >= ?")
             params.append(flt.since_ns)
@@ -538,12 +570,18 @@ class SqlStore:
                 yield UsageRow(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]))
 
     def iter_ledger(self, flt: RowFilter) -> Iterator[LedgerRow]:
-        where, params = self._where(flt, "l.bucket_start_ns")
+        where, params = self._where(flt, "l.bucket_start_ns", ledger=True)
+        source = (
+            "ledger_postings"
+            if flt.period_start_ns is None
+            else f"({_periods.accounted_in(flt.period_start_ns)})"
+        )
         sql = (
             "SELECT l.entry_id, s.node_id, s.env, s.uuid, s.inbound_tag, l.bucket_start_ns,"
             " l.revision, l.entry_type, l.rated_bytes, l.amount_nano, l.currency,"
-            " l.pricing_rule_version, l.run_id, l.created_at_ns"
-            " FROM ledger_postings l JOIN series s ON s.series_id = l.series_id"
+            " l.pricing_rule_version, l.run_id, l.created_at_ns, l.period_start_ns,"
+            " l.uplink_bytes, l.downlink_bytes, l.included_bytes"
+            f" FROM {source} l JOIN series s ON s.series_id = l.series_id"
             f" WHERE {where} ORDER BY "
             + self._order(
                 "l.bucket_start_ns", "s.node_id", "s.env", "s.uuid", "s.inbound_tag", "l.revision"
@@ -566,6 +604,10 @@ class SqlStore:
                     pricing_rule_version=r[11],
                     run_id=int(r[12]),
                     created_at_ns=int(r[13]),
+                    period_start_ns=int(r[14]),
+                    uplink_bytes=int(r[15]),
+                    downlink_bytes=int(r[16]),
+                    included_bytes=int(r[17]),
                 )
 
     def integrity_event_counts(self) -> dict[str, int]:
@@ -838,7 +880,7 @@ class SqlStore:
             return {}
         sql = (
             "SELECT b.series_id, b.bucket_start_ns, b.uplink_bytes, b.downlink_bytes,"
-            " b.rated_bytes, b.amount_nano, b.revision FROM k JOIN buckets b"
+            " b.rated_bytes, b.amount_nano, b.revision, b.included_bytes FROM k JOIN buckets b"
             " ON b.series_id = k.sid AND b.bucket_start_ns = k.m"
         )
         cols: list[KeyCol] = [("sid", "bigint"), ("m", "bigint")]
@@ -1059,6 +1101,7 @@ class SqlStore:
                     True,
                     up,
                     down,
+                    included=int(row[7]),
                 )
             if b.uplink < 0 or b.downlink < 0:
                 # Impossible by construction; refuse rather than store a negative bucket.
@@ -1070,21 +1113,7 @@ class SqlStore:
         # 5. Re-rate and post (quota state read before this batch's sums are added).
         postings, rerated = self._rate(batch.pricing, buckets, report)
         self._add_uuid_usage(batch.pricing, buckets)
-        ledger_rows = [
-            (
-                b.series_id,
-                b.start,
-                p.revision,
-                p.entry_type,
-                p.rated_bytes,
-                p.amount_nano,
-                batch.pricing.currency,
-                batch.pricing.rule_version,
-                run_id,
-                now,
-            )
-            for b, p in postings
-        ]
+        ledger_rows = self._ledger_rows(postings, batch.pricing, run_id, now)
 
         # 6. One bulk write per table.
         if obs_rows:
@@ -1097,7 +1126,16 @@ class SqlStore:
         for b in [*buckets, *rerated]:
             if not b.existed:
                 inserts.append(
-                    (b.series_id, b.start, b.uplink, b.downlink, b.rated, b.amount, b.revision)
+                    (
+                        b.series_id,
+                        b.start,
+                        b.uplink,
+                        b.downlink,
+                        b.rated,
+                        b.amount,
+                        b.revision,
+                        b.included,
+                    )
                 )
             elif b.uplink == 0 and b.downlink == 0 and b.revision == 0:
                 deletes.append((b.series_id, b.start))
@@ -1105,7 +1143,16 @@ class SqlStore:
                 # A posted bucket that drops to zero bytes stays as a row (its revision
                 # numbers the next posting); readers only see non-zero buckets.
                 updates.append(
-                    (b.uplink, b.downlink, b.rated, b.amount, b.revision, b.series_id, b.start)
+                    (
+                        b.uplink,
+                        b.downlink,
+                        b.rated,
+                        b.amount,
+                        b.revision,
+                        b.included,
+                        b.series_id,
+                        b.start,
+                    )
                 )
         if inserts:
             self.db.bulk_insert("buckets", _BUCKET_COLS, inserts)
@@ -1127,6 +1174,81 @@ class SqlStore:
                 for b in changed
             )
 
+    # --- accounting periods ---------------------------------------------------------------
+
+    def closed_periods(self) -> list[PeriodClose]:
+        return _periods.closed_periods(self)
+
+    def close_period(
+        self, period_start_ns: int, *, actor: str, now_ns: int
+    ) -> tuple[PeriodClose, bool]:
+        return _periods.close_period(self, period_start_ns, actor=actor, now_ns=now_ns)
+
+    def period_totals(self) -> list[PeriodTotals]:
+        return _periods.period_totals(self)
+
+    def statement(self, period_start_ns: int, flt: RowFilter) -> Statement:
+        return _periods.statement(self, period_start_ns, flt)
+
+    def check_rerate(self, period_start_ns: int, pricing: Pricing) -> None:
+        _periods.check_rerate(self, period_start_ns, pricing)
+
+    def iter_rerate(
+        self, period_start_ns: int, pricing: Pricing, run_id: int, *, dry_run: bool
+    ) -> Iterator[RerateReport]:
+        return _periods.iter_rerate(
+            self, period_start_ns, pricing, run_id, dry_run=dry_run, now_ns=now_ns()
+        )
+
+    def _closed_period_set(self) -> frozenset[int]:
+        """The closed periods, read inside a writing transaction: on PostgreSQL under a
+        share lock that a close takes exclusively, so no posting can land in a period
+        that a concurrent close is sealing (SQLite's writers are serialised anyway)."""
+        self.db.lock_periods(exclusive=False)
+        return frozenset(int(r[0]) for r in self.db.execute(_CLOSED_SET_SQL))
+
+    def _ledger_rows(
+        self,
+        postings: list[tuple[_Bucket, ledger.Posting]],
+        pricing: Pricing,
+        run_id: int,
+        now: int,
+    ) -> list[Row]:
+        """Rows for ``ledger_postings``, each in its accounting period: the bucket's month,
+        or — when that period is closed — the first open one after it
+        (:func:`billing_cli.core.periods.accounting_period`)."""
+        if not postings:
+            return []
+        closed = self._closed_period_set()
+        target: dict[int, int] = {}  # bucket start -> accounting period
+        rows: list[Row] = []
+        currency, version = pricing.currency, pricing.rule_version
+        for b, p in postings:
+            period = target.get(b.start)
+            if period is None:
+                period = target[b.start] = periods.accounting_period(
+                    periods.period_of(b.start), closed
+                )
+            rows.append(
+                (
+                    b.series_id,
+                    b.start,
+                    p.revision,
+                    p.entry_type,
+                    p.rated_bytes,
+                    p.amount_nano,
+                    currency,
+                    version,
+                    run_id,
+                    now,
+                    period,
+                    p.uplink_bytes,
+                    p.downlink_bytes,
+                    p.included_bytes,
+                )
+            )
+        return rows
+
     # --- rating ---------------------------------------------------------------------------
 
     def _rate(
@@ -1142,8 +1264,8 @@ class SqlStore:
         # Without an included quota every bucket rates on its own (the hot path): the
         # amount is Rater.amount_nano inlined — the bucket's charged bytes times one
         # cached exact fraction, rounded once, half-even (tests/test_rating_fast.py).
-        next_posting, first_charge = ledger.next_posting, ledger.first_charge
-        factor, new_rating = rater.factor, rating.Rating
+        new_posting = ledger.Posting
+        factor = rater.factor
         charge, free = pricing.charge, rater.free
         append = out.append
         postings = adjustments = adjustment_amount = charged = 0
@@ -1164,15 +1286,23 @@ class SqlStore:
                 twice = rem + rem
                 if twice > den or (twice == den and amount & 1):
                     amount += 1
+            # ledger.next_posting inlined: the differences of the bucket's totals (bytes,
+            # rated bytes, included quota used -- none here --, amount).
+            up, down = b.uplink, b.downlink
             if b.revision == 0:
-                p = first_charge(new_rating(cb, amount))
+                if not (up or down):
+                    continue  # nothing to post (cb and amount are 0 too)
+                p = new_posting("charge", 0, cb, amount, up, down, 0)
             else:
-                p = next_posting(b.rated, b.amount, b.revision, new_rating(cb, amount))
-            if p is None:
-                continue
+                d_up, d_down = up - b.old_uplink, down - b.old_downlink
+                d_rated, d_amount, d_included = cb - b.rated, amount - b.amount, -b.included
+                if not (d_up or d_down or d_rated or d_amount or d_included):
+                    continue
+                p = new_posting(
+                    "adjustment", b.revision, d_rated, d_amount, d_up, d_down, d_included
+                )
             append((b, p))
-            b.rated += p.rated_bytes
-            b.amount += p.amount_nano
+            b.rated, b.amount, b.included = cb, amount, 0
             b.revision += 1
             b.rating_dirty = True
             postings += 1
@@ -1202,12 +1332,16 @@ class SqlStore:
         out: list[tuple[_Bucket, ledger.Posting]],
         report: ApplyReport,
     ) -> None:
-        p = ledger.next_posting(b.rated, b.amount, b.revision, new)
+        posted = (
+            ledger.BucketTotals(b.old_uplink, b.old_downlink, b.rated, b.included, b.amount)
+            if b.revision
+            else ledger.ZERO_TOTALS
+        )
+        p = ledger.next_posting(posted, b.revision, ledger.totals(b.uplink, b.downlink, new))
         if p is None:
             return
         out.append((b, p))
-        b.rated += p.rated_bytes
-        b.amount += p.amount_nano
+        b.rated, b.amount, b.included = new.rated_bytes, new.amount_nano, new.included_bytes
         b.revision += 1
         b.rating_dirty = True
         report.postings += 1
@@ -1292,7 +1426,8 @@ class SqlStore:
         consumed = rating.charged_bytes(pricing, int(sums[0][0]), int(sums[0][1]))
         tail_rows = self.db.execute(
             "SELECT b.series_id, s.node_id, s.env, s.uuid, s.inbound_tag, b.bucket_start_ns,"
-            " b.uplink_bytes, b.downlink_bytes, b.rated_bytes, b.amount_nano, b.revision"
+            " b.uplink_bytes, b.downlink_bytes, b.rated_bytes, b.amount_nano, b.revision,"
+            " b.included_bytes"
             " FROM buckets b JOIN series s ON s.series_id = b.series_id"
             " WHERE s.uuid = ? AND b.bucket_start_ns >= ? AND b.bucket_start_ns < ?",
             (uuid, first.start, end),
@@ -1310,7 +1445,20 @@ class SqlStore:
                 # Same minute as the first change but canonically before it: consumed.
                 consumed += rating.charged_bytes(pricing, up, down)
                 continue
-            b = _Bucket(sid, key, start, up, down, int(r[8]), int(r[9]), int(r[10]), True, up, down)
+            b = _Bucket(
+                sid,
+                key,
+                start,
+                up,
+                down,
+                int(r[8]),
+                int(r[9]),
+                int(r[10]),
+                True,
+                up,
+                down,
+                included=int(r[11]),
+            )
             by_id[(sid, start)] = b
             seq.append(b)
         seq.sort(key=lambda b: (b.start, b.key))

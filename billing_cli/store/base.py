@@ -13,10 +13,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from billing_cli.core.statement import Statement
 from billing_cli.core.types import Item, Rejection, SeriesKey
 from billing_cli.pricing import Pricing
 
-RunKind = Literal["collect", "reconcile", "ingest", "demo"]
+RunKind = Literal["collect", "reconcile", "ingest", "demo", "period_close", "rerate"]
 IntegrityKind = Literal["conflict", "anomaly", "rejected", "identity_mismatch"]
 INTEGRITY_KINDS: tuple[IntegrityKind, ...] = (
     "conflict",
@@ -148,6 +149,11 @@ class RowFilter:
     since_ns: int | None = None  # inclusive, on bucket_start
     until_ns: int | None = None  # exclusive, on bucket_start
     series_filters: tuple[tuple[str, str], ...] = ()  # (node_id, env) pairs for --source
+    uuids: tuple[str, ...] = ()  # any of these accounts (besides ``uuid``)
+    # ledger only: the accounting period (its start) and the posting time (created_at)
+    period_start_ns: int | None = None
+    posted_since_ns: int | None = None  # inclusive
+    posted_until_ns: int | None = None  # exclusive
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,56 @@ class LedgerRow:
     pricing_rule_version: str
     run_id: int
     created_at_ns: int
+    period_start_ns: int  # the accounting period (normally the bucket's month)
+    uplink_bytes: int
+    downlink_bytes: int
+    included_bytes: int
+
+
+@dataclass(frozen=True)
+class PeriodClose:
+    """A closed accounting period: when, by which run (kind ``period_close``), by whom."""
+
+    period_start_ns: int
+    closed_at_ns: int
+    run_id: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class PeriodTotals:
+    """What one accounting period holds in one currency (``billing period list``)."""
+
+    period_start_ns: int
+    closed: PeriodClose | None
+    currency: str  # "" for a closed period without postings
+    postings: int
+    total_bytes: int
+    rated_bytes: int
+    amount_nano: int
+
+
+@dataclass
+class RerateReport:
+    """What re-rating (part of) a period posted, or would post (dry run)."""
+
+    pages: int = 0
+    buckets: int = 0  # buckets examined
+    postings: int = 0
+    # per uuid: [postings, rated_bytes, included_bytes, amount_nano] differences posted
+    accounts: dict[str, list[int]] = field(default_factory=dict)
+
+    def __iadd__(self, other: RerateReport) -> RerateReport:
+        self.pages += other.pages
+        self.buckets += other.buckets
+        self.postings += other.postings
+        for uuid, (n, rated, included, amount) in other.accounts.items():
+            acc = self.accounts.setdefault(uuid, [0, 0, 0, 0])
+            acc[0] += n
+            acc[1] += rated
+            acc[2] += included
+            acc[3] += amount
+        return self
 
 
 @dataclass(frozen=True)
@@ -224,7 +280,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
     # runs ---------------------------------------------------------------------------
-    def start_run(self, kind: RunKind, sources: list[str]) -> int: ...
+    def start_run(self, kind: RunKind, sources: list[str], actor: str | None = None) -> int:
+        """Own transaction: a new ``runs`` row; ``actor`` records who (operator runs)."""
+        ...
 
     def finish_run(
         self, run_id: int, outcome: str, per_source: dict[str, SourceRunResult]
@@ -261,6 +319,39 @@ class Store(Protocol):
 
     def integrity_event_counts(self) -> dict[str, int]:
         """Open integrity events per source_id (events without a source under '')."""
+        ...
+
+    # accounting periods (DESIGN §5a) ---------------------------------------------------
+    def closed_periods(self) -> list[PeriodClose]:
+        """Every closed period, oldest first."""
+        ...
+
+    def close_period(
+        self, period_start_ns: int, *, actor: str, now_ns: int
+    ) -> tuple[PeriodClose, bool]:
+        """Own transaction: close a period that has ended (``PeriodError`` otherwise),
+        recording a ``period_close`` run and a snapshot of its accounts' emails. Returns
+        the close and whether this call made it (False: it was closed already)."""
+        ...
+
+    def period_totals(self) -> list[PeriodTotals]:
+        """Every period with postings or a close, per currency, oldest first."""
+        ...
+
+    def statement(self, period_start_ns: int, flt: RowFilter) -> Statement:
+        """The statement of a period: a pure read of the postings accounted in it."""
+        ...
+
+    def check_rerate(self, period_start_ns: int, pricing: Pricing) -> None:
+        """``PeriodError`` when the period is closed or is posted in another currency."""
+        ...
+
+    def iter_rerate(
+        self, period_start_ns: int, pricing: Pricing, run_id: int, *, dry_run: bool
+    ) -> Iterator[RerateReport]:
+        """Re-rate the buckets of an open period under ``pricing`` in bounded pages, one
+        transaction each (rolled back when ``dry_run``), posting only the differences;
+        yields each page's report once it is committed (or rolled back)."""
         ...
 
     def record_integrity_event(

@@ -27,7 +27,7 @@ from billing_cli.store._common import (
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
     ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text"],
-    ("buckets", _BUCKET_COLS): ["int8"] * 7,
+    ("buckets", _BUCKET_COLS): ["int8"] * 8,
     ("ledger_postings", _LEDGER_COLS): [
         "int8",
         "int8",
@@ -37,6 +37,10 @@ _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
         "int8",
         "text",
         "text",
+        "int8",
+        "int8",
+        "int8",
+        "int8",
         "int8",
         "int8",
     ],
@@ -106,6 +110,14 @@ class PostgresDialect(Dialect):
         # Two first-use processes must not both create the schema.
         self.execute("SELECT pg_advisory_xact_lock(?)", (0x62696C6C,))
 
+    def lock_periods(self, *, exclusive: bool) -> None:
+        # A transaction-level advisory lock, per schema: a close (exclusive) waits for the
+        # writers of postings in flight (shared) and holds new ones until it commits;
+        # writers never block each other. Unlike LOCK TABLE it needs no table privilege,
+        # and the two-key form never collides with the one-key per-source locks.
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        self.execute(f"SELECT {fn}(hashtext('billing:periods'), hashtext(current_schema()))")
+
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         types = _COPY_TYPES.get((table, tuple(cols)))
         fmt = " (FORMAT BINARY)" if types else ""
@@ -133,14 +145,16 @@ class PostgresDialect(Dialect):
         )
 
     def update_buckets(self, rows: Sequence[Row]) -> None:
-        up, down, rated, amount, rev, sid, start = (list(c) for c in zip(*rows, strict=True))
+        up, down, rated, amount, rev, inc, sid, start = (list(c) for c in zip(*rows, strict=True))
         self.execute(
             "UPDATE buckets b SET uplink_bytes = v.up, downlink_bytes = v.down,"
-            " rated_bytes = v.rated, amount_nano = v.amount, revision = v.rev"
+            " rated_bytes = v.rated, amount_nano = v.amount, revision = v.rev,"
+            " included_bytes = v.inc"
             " FROM unnest(?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[], ?::bigint[],"
-            " ?::bigint[], ?::bigint[]) AS v(up, down, rated, amount, rev, sid, start)"
+            " ?::bigint[], ?::bigint[], ?::bigint[])"
+            " AS v(up, down, rated, amount, rev, inc, sid, start)"
             " WHERE b.series_id = v.sid AND b.bucket_start_ns = v.start",
-            (up, down, rated, amount, rev, sid, start),
+            (up, down, rated, amount, rev, inc, sid, start),
         )
 
     def update_heads(self, rows: Sequence[Row]) -> None:

@@ -12,6 +12,9 @@ digest of each recent item applied whole, so the overlap a pull re-delivers ever
 is recognised without reading its observations back. Version 3 adds what health needs
 to be measured from the data: each source's newest ``collected_at`` received, and each
 run's most frequent rejection reason.
+The accounting-periods step gives every posting its accounting period
+(``period_start_ns``) and its byte differences, and adds ``closed_periods`` /
+``closed_period_accounts`` (a close is final).
 
 Migrations are a list of steps; ``schema_version`` records the applied version. A
 database whose version is newer than :data:`SCHEMA_VERSION` is refused (StoreError).
@@ -23,7 +26,10 @@ from typing import Literal
 
 Dialect = Literal["sqlite", "postgres"]
 
-SCHEMA_VERSION = 3
+# Accounting periods (issue 11) are one self-contained step: renumber it freely when
+# merging beside other migrations. SCHEMA_VERSION is the highest version of migrations().
+PERIODS_VERSION = 4
+SCHEMA_VERSION = 4
 
 # Tokens rendered per dialect: {BIGINT} integer column, {ID} auto-increment primary key,
 # {WR} the SQLite "WITHOUT ROWID" suffix (rows clustered by primary key).
@@ -237,6 +243,141 @@ def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";\n") if s.strip()]
 
 
+# --- accounting periods (issue 11) ------------------------------------------------------
+# Self-contained: it only touches ledger_postings, buckets, runs and its own tables, so it
+# can take any version number (PERIODS_VERSION) when merged beside other migrations.
+
+# The month (UTC) containing integer nanoseconds {c}, as the nanoseconds of its first
+# instant — the same value as billing_cli.core.periods.period_of. Bucket starts are whole
+# minutes, so the division is exact (also before 1970).
+_MONTH_START: dict[Dialect, str] = {
+    "sqlite": (
+        "(CAST(strftime('%s', {c} / 1000000000, 'unixepoch', 'start of month') AS INTEGER)"
+        " * 1000000000)"
+    ),
+    "postgres": (
+        "((extract(epoch FROM date_trunc('month',"
+        " to_timestamp({c} / 1000000000) AT TIME ZONE 'UTC')))::bigint * 1000000000)"
+    ),
+}
+# YYYY-MM of a period start {c}.
+_PERIOD_TEXT: dict[Dialect, str] = {
+    "sqlite": "strftime('%Y-%m', {c} / 1000000000, 'unixepoch')",
+    "postgres": "to_char(to_timestamp({c} / 1000000000) AT TIME ZONE 'UTC', 'YYYY-MM')",
+}
+
+
+def month_start_sql(dialect: Dialect, column: str) -> str:
+    """SQL for the period (month start, epoch ns) of the epoch-ns ``column``."""
+    return _MONTH_START[dialect].format(c=column)
+
+
+# Every posting gets its accounting period and the differences of the bucket's bytes and
+# included quota used (a statement is a pure read of the ledger); buckets keep the
+# included bytes of their current rating. Existing postings: their bucket's month; each
+# bucket's bytes go on its first posting (revision 0), so the ledger adds up to the
+# buckets. The included quota used was never stored: it starts at 0 (a re-rate fills it).
+_PERIODS_COLUMNS = """
+ALTER TABLE ledger_postings ADD COLUMN period_start_ns {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE ledger_postings ADD COLUMN uplink_bytes {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE ledger_postings ADD COLUMN downlink_bytes {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE ledger_postings ADD COLUMN included_bytes {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE buckets ADD COLUMN included_bytes {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN actor TEXT;
+"""
+_PERIODS_BACKFILL = """
+UPDATE ledger_postings SET period_start_ns = {month},
+  uplink_bytes = CASE WHEN revision = 0 THEN COALESCE((SELECT b.uplink_bytes FROM buckets b
+    WHERE b.series_id = ledger_postings.series_id
+    AND b.bucket_start_ns = ledger_postings.bucket_start_ns), 0) ELSE 0 END,
+  downlink_bytes = CASE WHEN revision = 0 THEN COALESCE((SELECT b.downlink_bytes FROM buckets b
+    WHERE b.series_id = ledger_postings.series_id
+    AND b.bucket_start_ns = ledger_postings.bucket_start_ns), 0) ELSE 0 END;
+"""
+# Postings accounted in their bucket's month are found by the time-first unique index
+# (bucket_start_ns, ...); only the corrections carried forward (accounted after their
+# bucket's month: period_start_ns > bucket_start_ns) need an index of their own, a
+# partial one — a few bytes per correction instead of per posting. A close is final (no
+# reopen): closed periods and their account snapshots are append-only in the database
+# too, like the ledger.
+_PERIODS_TABLES = """
+CREATE INDEX ledger_postings_carried ON ledger_postings (period_start_ns)
+    WHERE period_start_ns > bucket_start_ns;
+CREATE TABLE closed_periods (
+    period_start_ns {BIGINT} PRIMARY KEY,
+    closed_at_ns {BIGINT} NOT NULL,
+    run_id {BIGINT} NOT NULL
+);
+CREATE TABLE closed_period_accounts (
+    period_start_ns {BIGINT} NOT NULL,
+    uuid TEXT NOT NULL,
+    email TEXT NOT NULL,
+    PRIMARY KEY (period_start_ns, uuid)
+){WR};
+"""
+_PERIODS_APPEND_ONLY: dict[Dialect, tuple[str, str, str]] = {
+    # (before the backfill, after it, the closed-period tables)
+    "sqlite": (
+        "DROP TRIGGER ledger_postings_no_update",
+        "CREATE TRIGGER ledger_postings_no_update BEFORE UPDATE ON ledger_postings\n"
+        "BEGIN SELECT RAISE(ABORT, 'billing ledger is append-only'); END",
+        """
+CREATE TRIGGER closed_periods_final BEFORE UPDATE ON closed_periods
+BEGIN SELECT RAISE(ABORT, 'a closed period is final'); END;
+CREATE TRIGGER closed_periods_kept BEFORE DELETE ON closed_periods
+BEGIN SELECT RAISE(ABORT, 'a closed period is final'); END;
+CREATE TRIGGER closed_period_accounts_final BEFORE UPDATE ON closed_period_accounts
+BEGIN SELECT RAISE(ABORT, 'a closed period is final'); END;
+CREATE TRIGGER closed_period_accounts_kept BEFORE DELETE ON closed_period_accounts
+BEGIN SELECT RAISE(ABORT, 'a closed period is final'); END;
+""",
+    ),
+    "postgres": (
+        "ALTER TABLE ledger_postings DISABLE TRIGGER ledger_postings_append_only",
+        "ALTER TABLE ledger_postings ENABLE TRIGGER ledger_postings_append_only",
+        """
+CREATE FUNCTION closed_periods_final() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'a closed period is final'; END $$;
+CREATE TRIGGER closed_periods_final BEFORE UPDATE OR DELETE ON closed_periods
+FOR EACH ROW EXECUTE FUNCTION closed_periods_final();
+CREATE TRIGGER closed_period_accounts_final BEFORE UPDATE OR DELETE ON closed_period_accounts
+FOR EACH ROW EXECUTE FUNCTION closed_periods_final();
+""",
+    ),
+}
+_PERIODS_VIEW = """
+DROP VIEW billing_ledger;
+CREATE VIEW billing_ledger AS
+SELECT l.entry_id, s.node_id, s.env, s.uuid, s.inbound_tag, {ts_ledger} AS bucket_start,
+       l.bucket_start_ns, l.revision, l.entry_type, l.rated_bytes, l.amount_nano,
+       l.currency, l.pricing_rule_version, l.run_id, {ts_created} AS created_at,
+       l.created_at_ns, {period} AS accounting_period, l.period_start_ns,
+       l.uplink_bytes, l.downlink_bytes, l.included_bytes
+FROM ledger_postings l JOIN series s ON s.series_id = l.series_id;
+"""
+
+
+def _render_periods(dialect: Dialect) -> list[str]:
+    tokens = _TOKENS[dialect]
+    ts = _TS[dialect]
+    before, after, closed = _PERIODS_APPEND_ONLY[dialect]
+    return [
+        *_split(_PERIODS_COLUMNS.format(**tokens)),
+        before,
+        *_split(_PERIODS_BACKFILL.format(month=month_start_sql(dialect, "bucket_start_ns"))),
+        after,
+        *_split(_PERIODS_TABLES.format(**tokens)),
+        *_split(closed),
+        *_split(
+            _PERIODS_VIEW.format(
+                ts_ledger=ts.format(c="l.bucket_start_ns"),
+                ts_created=ts.format(c="l.created_at_ns"),
+                period=_PERIOD_TEXT[dialect].format(c="l.period_start_ns"),
+            )
+        ),
+    ]
+
+
 def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:
     """``(version, statements)`` steps in order; apply those above the stored version."""
     tokens = _TOKENS[dialect]
@@ -244,4 +385,5 @@ def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:
         (1, _render_v1(dialect)),
         (2, _split(_V2_TABLES.format(**tokens))),
         (3, _split(_V3_COLUMNS.format(**tokens))),
+        (PERIODS_VERSION, _render_periods(dialect)),
     ]

@@ -142,7 +142,8 @@ class SQLiteDialect(Dialect):
     def update_buckets(self, rows: Sequence[Row]) -> None:
         self.conn.executemany(
             "UPDATE buckets SET uplink_bytes = ?, downlink_bytes = ?, rated_bytes = ?,"
-            " amount_nano = ?, revision = ? WHERE series_id = ? AND bucket_start_ns = ?",
+            " amount_nano = ?, revision = ?, included_bytes = ?"
+            " WHERE series_id = ? AND bucket_start_ns = ?",
             rows,
         )
 
