@@ -311,8 +311,13 @@ class SqlStore:
         self.url_for_display = url_for_display
         # The collector may share one store between threads; one operation at a time.
         self._lock = threading.RLock()
-        with self._guard("migrate the schema"):
-            self._migrate()
+        try:
+            with self._guard("migrate the schema"):
+                self._migrate()
+        except BaseException:
+            # A refused open (schema too new, locked) must not leak its connection.
+            db.close()
+            raise
 
     # --- plumbing ---------------------------------------------------------------------
 
