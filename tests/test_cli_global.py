@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +183,50 @@ def test_bad_log_format_is_a_usage_error(cli: Any) -> None:
     assert res.exit_code == 2
     assert "xml" in res.output
     assert "Traceback" not in res.output
+
+
+def _billing(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real program: click's own rendering would go straight to the process's stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "billing_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("usage", "--nope"), "no such option '--nope'"),
+        (("colect",), "did you mean 'collect'"),
+        (("usage", "--by", "week"), "'week' is not one of"),
+        (("integrity", "ack", "--source"), "'--source' requires an argument"),
+        (("sources", "add"), "missing argument"),
+    ],
+)
+def test_usage_errors_are_one_error_line(args: tuple[str, ...], needle: str) -> None:
+    res = _billing(*args)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), res.stderr
+    assert needle.lower() in lines[0].lower()
+
+
+def test_a_group_without_a_command_still_shows_its_help() -> None:
+    res = _billing("sources")
+    assert res.returncode == 2
+    assert "Usage: billing sources" in res.stderr
+    assert "list" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_db_flag_is_a_flag_error(cli: Any, registry: Path, value: str) -> None:
+    res = cli("--registry", str(registry), "--db", value, "sources", "list")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --db is empty")
+    assert len(res.stderr.splitlines()) == 1
+    assert not Path("billing.db").exists()

@@ -14,7 +14,7 @@ import click
 import typer
 
 from billing_cli import __version__
-from billing_cli._errors import BillingError, ExitCode
+from billing_cli._errors import BillingError, ExitCode, UsageError, one_line
 from billing_cli.cli import commands
 from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, resolve_db_url
 from billing_cli.cli._logging import setup_logging
@@ -95,6 +95,12 @@ def _global(
         ),
     ] = False,
 ) -> None:
+    if db is not None and not db.strip():
+        # An empty --db (an unset shell variable) must not silently mean ./billing.db.
+        raise UsageError(
+            "--db is empty: give a SQLite file path or a postgresql:// URL, or leave --db out "
+            "(then BILLING_DATABASE_URL, DATABASE_URL or ./billing.db is used)"
+        )
     verbosity = -1 if quiet else min(verbose, 2)
     setup_logging(log_format, verbosity)
     ctx.obj = AppContext(
@@ -183,8 +189,11 @@ def run(args: Sequence[str]) -> int:
     except click.exceptions.Abort:
         _print_error("aborted")
         return 130
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `billing sources`: the group's help is the answer
+        return int(ExitCode.CONFIG)
     except click.ClickException as exc:
-        exc.show()
+        _print_error(click_error_line(exc))
         return int(ExitCode.CONFIG)
     except KeyboardInterrupt:
         _print_error("interrupted")
@@ -207,6 +216,18 @@ def run(args: Sequence[str]) -> int:
         )
         return 70
     return int(result) if isinstance(result, int) else 0
+
+
+def click_error_line(exc: click.ClickException) -> str:
+    """A usage error as one line, like every other error: what is wrong and where to look
+    (click's own rendering is four lines starting ``Usage:`` and ``Error:``)."""
+    text = one_line(exc.format_message())
+    if text[:1].isupper() and text[1:2].islower():
+        text = text[0].lower() + text[1:]
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        text += f" (see `{ctx.command_path} --help`)"
+    return text
 
 
 def _print_error(message: str) -> None:
