@@ -28,7 +28,7 @@ from rich.table import Table
 from billing_cli._errors import StoreError, UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
-from billing_cli.cli._flags import time_flag
+from billing_cli.cli._flags import source_option, time_flag
 from billing_cli.collect.locks import sqlite_path
 from billing_cli.store.base import RowFilter
 
@@ -42,12 +42,7 @@ T = TypeVar("T")
 
 # The filter and output flags every read command takes (``usage``, ``ledger``).
 SourcesOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--source",
-        metavar="ID",
-        help="Only this source's node_id/env (from the registry). Repeatable.",
-    ),
+    list[str] | None, source_option("Only this source's node_id/env (from the registry).")
 ]
 NodeIdOption = Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")]
 EnvOption = Annotated[str | None, typer.Option("--env", help="Only this env.")]

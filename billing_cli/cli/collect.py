@@ -34,7 +34,7 @@ from billing_cli._time import (
     now_ns,
 )
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._flags import duration_flag, time_flag
+from billing_cli.cli._flags import duration_flag, source_option, time_flag
 from billing_cli.cli._pull import (
     echo_failures,
     exit_code_for,
@@ -79,8 +79,7 @@ Examples:
 def collect_command(
     ctx: typer.Context,
     source: Annotated[
-        list[str] | None,
-        typer.Option("--source", "-s", help="Collect only this source (repeatable); due or not."),
+        list[str] | None, source_option("Collect only this source, due or not.")
     ] = None,
     since: Annotated[
         str | None,

@@ -92,6 +92,8 @@ def ingest_command(
         str | None,
         typer.Option(
             "--source",
+            "-s",
+            metavar="ID",
             help="Registry source the input comes from: every item's node_id/env must match.",
             show_default=False,
         ),

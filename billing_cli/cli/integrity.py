@@ -19,7 +19,7 @@ from rich.markup import escape
 from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns, now_ns
 from billing_cli.cli._context import get_context
-from billing_cli.cli._flags import time_flag
+from billing_cli.cli._flags import id_flag, source_option, time_flag
 from billing_cli.cli._rows import Cell, closing_rows, open_existing_store, write_rows
 from billing_cli.cli.commands import new_app
 from billing_cli.store.base import INTEGRITY_KINDS, IntegrityEvent, IntegrityKind
@@ -138,20 +138,13 @@ def _kind(value: str | None) -> IntegrityKind | None:
 
 
 def _ids(values: list[str] | None) -> list[int]:
-    out: list[int] = []
-    for v in values or ():
-        if not v.isdigit():
-            raise UsageError(f"integrity ack: event id {v!r} is not a number (see `list`)")
-        out.append(int(v))
-    return out
+    return [id_flag("integrity ack: event id", v) for v in values or ()]
 
 
 @app.command("list", help=LIST_HELP)
 def list_events(
     ctx: typer.Context,
-    source: Annotated[
-        str | None, typer.Option("--source", metavar="ID", help="Only this source's events.")
-    ] = None,
+    source: Annotated[list[str] | None, source_option("Only this source's events.")] = None,
     kind: KindOption = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include acknowledged events.")] = False,
     since: Annotated[
@@ -167,7 +160,7 @@ def list_events(
         open_existing_store(app_ctx) as store,
         closing_rows(
             store.iter_integrity_events(
-                source_id=source, kind=wanted, open_only=not show_all, since_ns=since_ns
+                source_id=source or None, kind=wanted, open_only=not show_all, since_ns=since_ns
             )
         ) as events,
     ):
@@ -213,12 +206,8 @@ def ack_events(
         list[str] | None, typer.Argument(metavar="[ID]...", help="Event ids (from list).")
     ] = None,
     source: Annotated[
-        str | None,
-        typer.Option(
-            "--source",
-            metavar="ID",
-            help="Open events of this source (with ids: of those, only this source's).",
-        ),
+        list[str] | None,
+        source_option("Open events of this source (with ids: of those, only this source's)."),
     ] = None,
     all_open: Annotated[
         bool, typer.Option("--all-open", help="Every open event of every source.")
@@ -227,12 +216,25 @@ def ack_events(
 ) -> None:
     app_ctx = get_context(ctx)
     event_ids = _ids(ids)
-    if not event_ids and source is None and not all_open:
+    if not event_ids and not source and not all_open:
         raise UsageError("integrity ack: give event IDs, --source ID or --all-open")
-    if all_open and (event_ids or source is not None):
+    if all_open and (event_ids or source):
         raise UsageError("integrity ack: --all-open acknowledges everything; drop IDs/--source")
     with open_existing_store(app_ctx) as store:
-        n = store.acknowledge_integrity_events(event_ids or None, source_id=source, at_ns=now_ns())
+        if event_ids:
+            # Events are never deleted: an id no event has is a typo, not "already done".
+            unknown = store.unknown_integrity_event_ids(event_ids)
+            if unknown:
+                shown = ", ".join(str(i) for i in unknown[:10]) + (
+                    " ..." if len(unknown) > 10 else ""
+                )
+                raise UsageError(
+                    f"integrity ack: no such event: {shown}; nothing acknowledged "
+                    "(see `billing integrity list --all`)"
+                )
+        n = store.acknowledge_integrity_events(
+            event_ids or None, source_id=source or None, at_ns=now_ns()
+        )
     if as_json:
         _print_json({"acknowledged": n})
         return

@@ -28,7 +28,7 @@ from rich.table import Table
 from billing_cli._errors import UsageError
 from billing_cli._time import NS_PER_MINUTE, format_rfc3339_ns, minute_floor_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._flags import time_flag
+from billing_cli.cli._flags import capped_note, source_option, time_flag, until_flag
 from billing_cli.cli._pull import (
     echo_failures,
     exit_code_for,
@@ -72,10 +72,7 @@ RECONCILE_BUDGET_S = 24 * 3600.0
 
 def reconcile_command(
     ctx: typer.Context,
-    source: Annotated[
-        list[str] | None,
-        typer.Option("--source", "-s", help="Source to reconcile (repeatable)."),
-    ] = None,
+    source: Annotated[list[str] | None, source_option("Source to reconcile.")] = None,
     all_sources: Annotated[
         bool, typer.Option("--all", help="Every enabled source (window API).")
     ] = False,
@@ -103,14 +100,18 @@ def reconcile_command(
     if bool(source) == all_sources:
         raise UsageError("give --source ID (repeatable) or --all, not both and not neither")
     since_ns = time_flag("--since", since, now=now)
-    until_ns = time_flag("--until", until, now=now) or now
     assert since_ns is not None
+    # Exporters cannot serve minutes that have not happened: walking them would only
+    # request empty chunks (for hours, with --until years ahead).
+    until_ns, capped = until_flag("--until", until, now=now)
     if since_ns >= until_ns:
         raise UsageError(
             f"--since {format_rfc3339_ns(since_ns)} is not before --until "
-            f"{format_rfc3339_ns(until_ns)}"
+            f"{format_rfc3339_ns(until_ns)}" + (" (now)" if capped or until is None else "")
         )
     registry = app.load_registry()
+    if capped and until is not None and not app.quiet:
+        app.err.print(capped_note("--until", until, until_ns), markup=False, highlight=False)
     notes: list[str] = []
     if source:
         selected = [registry.get(sid) for sid in dict.fromkeys(source)]

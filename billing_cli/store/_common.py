@@ -590,18 +590,26 @@ class SqlStore:
         with self._guard("record an integrity event"), self.db.transaction():
             self.db.execute(_EVENT_SQL, (*row, detail, now_ns()))
 
+    @staticmethod
+    def _source_cond(
+        source_id: str | Sequence[str] | None, conds: list[str], params: list[Any]
+    ) -> None:
+        if source_id is None:
+            return
+        ids = [source_id] if isinstance(source_id, str) else list(dict.fromkeys(source_id))
+        conds.append(f"source_id IN ({','.join('?' * len(ids))})" if ids else "1 = 0")
+        params.extend(ids)
+
     def iter_integrity_events(
         self,
-        source_id: str | None = None,
+        source_id: str | Sequence[str] | None = None,
         kind: IntegrityKind | None = None,
         open_only: bool = True,
         since_ns: int | None = None,
     ) -> Iterator[IntegrityEvent]:
         conds: list[str] = []
         params: list[Any] = []
-        if source_id is not None:
-            conds.append("source_id = ?")
-            params.append(source_id)
+        self._source_cond(source_id, conds, params)
         if kind is not None:
             conds.append("kind = ?")
             params.append(kind)
@@ -634,14 +642,30 @@ class SqlStore:
                 acknowledged_at_ns=None if r[11] is None else int(r[11]),
             )
 
+    def unknown_integrity_event_ids(self, ids: Sequence[int]) -> list[int]:
+        """The ids among ``ids`` that no event has (events are never deleted)."""
+        known: set[int] = set()
+        unique = sorted(set(ids))
+        with self._guard("read integrity events"):
+            for i in range(0, len(unique), 10_000):
+                part = unique[i : i + 10_000]
+                marks = ",".join("?" * len(part))
+                rows = self.db.execute(
+                    f"SELECT id FROM integrity_events WHERE id IN ({marks})", part
+                )
+                known.update(int(r[0]) for r in rows)
+        return [i for i in unique if i not in known]
+
     def acknowledge_integrity_events(
-        self, ids: list[int] | None, *, source_id: str | None = None, at_ns: int
+        self,
+        ids: list[int] | None,
+        *,
+        source_id: str | Sequence[str] | None = None,
+        at_ns: int,
     ) -> int:
         conds = ["acknowledged_at_ns IS NULL"]
         params: list[Any] = [at_ns]
-        if source_id is not None:
-            conds.append("source_id = ?")
-            params.append(source_id)
+        self._source_cond(source_id, conds, params)
         sql = f"UPDATE integrity_events SET acknowledged_at_ns = ? WHERE {' AND '.join(conds)}"
         # Only rows still open are touched, so acknowledging twice keeps the first time.
         n = 0
