@@ -8,8 +8,13 @@ unchanged row for row.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 
+import orjson
 import pytest
 from _collect_support import (
     Env,
@@ -246,3 +251,58 @@ def test_failed_source_exit_1(make: MakeEnv) -> None:
     assert row["status"] == "failed"
     assert "node-01-impostor" in row["error"]
     assert store_usage(env.db) == {}
+
+
+def _spawn(env: Env, *args: str) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "EXPORTER_"))}
+    clean.pop("DATABASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "billing_cli", "--registry", str(env.registry), "--db", env.db,
+         *args],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_a_long_dry_run_does_not_block_billing(make: MakeEnv) -> None:
+    """While a dry run of one source runs in one process, a collect of another source, and
+    the read commands, succeed in other processes — they finish before the dry run does.
+    (Before: the dry run held the SQLite write lock from its first page to its last, and
+    they failed after 30 s with "database is locked".)"""
+    env = make(nodes=2, series=5, minutes=20, defaults="page_limit = 1")
+    assert env.json("collect")["outcome"] == "ok"
+    node = env.sim.fleet.node("node-01")
+    node.set_fault("slow", delay_s=0.4)  # ~21 pages: the dry run takes ~9 s
+    env.sim.fleet.advance(2)  # something for node-02's collect to apply
+    served = len(node.requests)
+    dry = _spawn(env, "reconcile", "--source", "node-01", "--since", "2h", "--dry-run", "--json")
+    try:
+        deadline = time.monotonic() + 30
+        while len(node.requests) < served + 4:  # the dry run has applied pages by now
+            assert dry.poll() is None, dry.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for args in (
+            ("collect", "--source", "node-02", "--json"),
+            ("usage", "--json"),
+            ("ledger", "--json"),
+            ("status", "--json"),
+        ):
+            proc = _spawn(env, *args)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode in (0, 1), (args, err)
+            assert "locked" not in err, (args, err)
+            if args[0] == "collect":
+                assert proc.returncode == 0, err
+                assert only(orjson.loads(out), "node-02")["status"] == "ok"
+            # Finished while the dry run still works: nothing waited for it.
+            assert dry.poll() is None, (args, "the dry run ended first")
+        out, err = dry.communicate(timeout=120)
+        assert dry.returncode == 0, err
+        assert only(orjson.loads(out))["status"] == "ok"
+    finally:
+        if dry.poll() is None:
+            dry.kill()
+            dry.communicate()

@@ -1,9 +1,10 @@
 """Shared plumbing of the read commands (``billing usage``, ``billing ledger``).
 
 Filters are turned into a :class:`RowFilter` here (``--source`` is the only flag that reads
-the registry), the store is opened read-only in spirit (a missing SQLite file is an error,
-never silently created), and rows are written as a rich table, a JSON list or CSV. JSON and
-CSV are streamed row by row so that millions of rows never sit in memory.
+the registry), the store is opened read-only (a missing SQLite file or a database without
+the billing schema is an error; nothing is ever created), and rows are written as a rich
+table, a JSON list or CSV. JSON and CSV are streamed row by row so that millions of rows
+never sit in memory.
 """
 
 from __future__ import annotations
@@ -125,17 +126,20 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 @contextmanager
-def open_existing_store(app: AppContext) -> Iterator[Store]:
-    """Open the store for reading; a missing SQLite file is a one-line error, not created."""
-    path = _sqlite_path(app.db_url)
-    if path is not None and not path.exists():
-        raise StoreError(
-            f"database {path} does not exist: nothing collected yet "
-            "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
-        )
+def open_existing_store(app: AppContext, *, write: bool = False) -> Iterator[Store]:
+    """Open the store of a command that works on existing data: read-only (no schema, no
+    migration, no lock: DESIGN §8) unless ``write``; a missing SQLite file is a one-line
+    error and is never created."""
     from billing_cli.store import open_store
 
-    store = open_store(app.db_url)
+    if write:
+        path = _sqlite_path(app.db_url)
+        if path is not None and not path.exists():
+            raise StoreError(
+                f"database {path} does not exist: nothing collected yet "
+                "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
+            )
+    store = open_store(app.db_url, read_only=not write)
     try:
         yield store
     finally:

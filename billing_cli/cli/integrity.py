@@ -220,7 +220,7 @@ def ack_events(
         raise UsageError("integrity ack: give event IDs, --source ID or --all-open")
     if all_open and (event_ids or source):
         raise UsageError("integrity ack: --all-open acknowledges everything; drop IDs/--source")
-    with open_existing_store(app_ctx) as store:
+    with open_existing_store(app_ctx, write=True) as store:
         if event_ids:
             # Events are never deleted: an id no event has is a typo, not "already done".
             unknown = store.unknown_integrity_event_ids(event_ids)

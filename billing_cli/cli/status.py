@@ -166,7 +166,7 @@ def collect_status(
     if database_exists(app_ctx.db_url):
         from billing_cli.store import open_store
 
-        store = open_store(app_ctx.db_url)
+        store = open_store(app_ctx.db_url, read_only=True)
         try:
             checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
             last_runs = store.last_source_results()
