@@ -101,6 +101,12 @@ def test_reconcile_repairs_a_late_item_and_the_report_matches(make: MakeEnv) -> 
     from billing_cli.core.money import format_amount
 
     assert row["adjustment_amount"] == format_amount(sum(r.amount_nano for r in adjustments))
+    charges = [r for r in new_rows if r.entry_type == "charge"]
+    assert row["charges"] == len(charges)
+    assert row["charge_amount"] == format_amount(sum(r.amount_nano for r in charges))
+    # The net money the run posted: every row it appended.
+    assert row["amount"] == format_amount(sum(r.amount_nano for r in new_rows))
+    assert doc["currency"] == "USD"
     assert row["completeness"]["missing_minutes"] is not None
 
     # Exact totals afterwards, and the checkpoint did not move.
@@ -114,6 +120,31 @@ def test_reconcile_repairs_a_late_item_and_the_report_matches(make: MakeEnv) -> 
     assert again["new_observations"] == 0
     assert again["buckets_repaired"] == 0
     assert again["ledger_adjustments"] == 0
+
+
+def test_the_report_counts_new_charges_in_the_amount(make: MakeEnv) -> None:
+    """A reconcile of never-collected minutes posts charges, not adjustments: the amount is
+    their sum (it was 0.000000000: only adjustments were counted) and matches what
+    `billing ingest` calls charged_amount for the same data."""
+    env = make(series=4, minutes=10)
+    doc = env.json("reconcile", "--source", "node-01", "--since", "2h")
+    row = only(doc)
+    posted = [r for r in _ledger(env) if r.run_id == doc["run_id"]]
+    assert posted
+    assert all(r.entry_type == "charge" for r in posted)
+    from billing_cli.core.money import format_amount
+
+    total = format_amount(sum(r.amount_nano for r in posted))
+    assert total != "0.000000000"
+    assert row["amount"] == total
+    assert row["charge_amount"] == total
+    assert row["charges"] == len(posted)
+    assert (row["ledger_adjustments"], row["adjustment_amount"]) == (0, "0.000000000")
+    # People see the same figure.
+    again = make(series=4, minutes=10)
+    res = again.run("reconcile", "--source", "node-01", "--since", "2h")
+    assert res.exit_code == 0, res.output
+    assert total in res.stdout
 
 
 def _ns(text: str) -> int:

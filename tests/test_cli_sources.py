@@ -417,10 +417,15 @@ def test_registry_flag_and_env(cli: Any, tmp_path: Path, monkeypatch: pytest.Mon
 def test_example_registry_lists(cli: Any) -> None:
     res = cli("sources", "list", "--registry", str(ROOT / "sources.example.toml"))
     assert res.exit_code == 0, res.output
-    for word in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
+    for word in ("id", "node/env", "auth", "on", "url"):
         assert word in res.stdout
     for sid in ("jp-1", "de-1", "us-stage", "mtls+bearer"):
         assert sid in res.stdout
+    assert "interval" not in res.stdout  # --wide only
+    wide = cli("sources", "list", "--wide", "--registry", str(ROOT / "sources.example.toml"))
+    assert wide.exit_code == 0, wide.output
+    for word in ("id", "node", "env", "url", "auth", "api", "enabled", "interval", "timeout"):
+        assert word in wide.stdout
 
 
 # --- legacy shim and errors ------------------------------------------------------------------
@@ -441,7 +446,7 @@ def test_legacy_shim_listed_as_legacy(cli: Any, monkeypatch: pytest.MonkeyPatch)
     res = cli("sources", "list")
     assert res.exit_code == 0
     assert "legacy single source from EXPORTER_BASE_URL" in res.stdout
-    assert "\n│ legacy " in res.stdout
+    assert "\nlegacy " in res.stdout
 
     res = cli("sources", "disable", "legacy")
     assert res.exit_code == 2

@@ -78,3 +78,8 @@ def source_option(help: str) -> Any:
 # For commands whose --source selects which sources to read or pull (``status`` may use it
 # too): ``source: SourcesOption = None``.
 SourcesOption = Annotated[list[str] | None, source_option("Only this source (by source_id).")]
+
+# Tables for people fit 80 columns; --wide shows every column (and full ids) instead.
+WideOption = Annotated[
+    bool, typer.Option("--wide", "-w", help="Every column and full ids (wider than 80 columns).")
+]

@@ -13,8 +13,9 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
@@ -22,14 +23,14 @@ from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 import click
 import orjson
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from billing_cli._errors import StoreError, UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
 from billing_cli.cli._flags import source_option, time_flag
+from billing_cli.cli._tables import print_notes, result_table
 from billing_cli.collect.locks import sqlite_path
 from billing_cli.store.base import RowFilter
 
@@ -169,6 +170,24 @@ def _dumps(row: Mapping[str, Cell]) -> str:
         return json.dumps(row, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class TableSpec:
+    """How rows look as a table for people (JSON and CSV always carry every column).
+
+    ``columns`` are the default view (fits 80 columns), ``wide`` the ``--wide`` one;
+    ``labels`` are short headers, ``short`` formats a cell for the default view (a short
+    id, a minute without seconds), and ``below`` gives the free text of a row (a detail,
+    an error) as ``(label, text)``, printed under the table instead of in a column.
+    """
+
+    columns: Sequence[str]
+    wide: Sequence[str] = ()
+    right_aligned: frozenset[str] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    short: Mapping[str, Callable[[Cell], str]] = field(default_factory=dict)
+    below: Callable[[Mapping[str, Cell]], tuple[str, str] | None] | None = None
+
+
 def write_rows(
     app: AppContext,
     fmt: OutputFormat,
@@ -177,7 +196,8 @@ def write_rows(
     *,
     title: str,
     empty_message: str,
-    right_aligned: frozenset[str] = frozenset(),
+    table: TableSpec | None = None,
+    wide: bool = False,
 ) -> int:
     """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``; return how many were written.
 
@@ -189,7 +209,7 @@ def write_rows(
             return _write_json(rows)
         if fmt == "csv":
             return _write_csv(columns, rows)
-        return _write_table(app, columns, rows, title, empty_message, right_aligned)
+        return _write_table(app, table or TableSpec(columns), rows, title, empty_message, wide)
     except BrokenPipeError:
         _silence_stdout()
         return 0
@@ -232,34 +252,46 @@ def _write_csv(columns: Sequence[str], rows: Iterable[Mapping[str, Cell]]) -> in
 
 def _write_table(
     app: AppContext,
-    columns: Sequence[str],
+    spec: TableSpec,
     rows: Iterable[Mapping[str, Cell]],
     title: str,
     empty_message: str,
-    right_aligned: frozenset[str],
+    wide: bool,
 ) -> int:
     n = 0
-    table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
-    )
+    columns = spec.wide if wide and spec.wide else spec.columns
+    table = result_table(title)
     for c in columns:
-        table.add_column(c, justify="right" if c in right_aligned else "left", overflow="fold")
+        label = c if wide else spec.labels.get(c, c)
+        table.add_column(
+            label, justify="right" if c in spec.right_aligned else "left", overflow="fold"
+        )
     truncated = False
+    notes: list[tuple[str, str]] = []
     for row in rows:
         if n >= TABLE_ROW_LIMIT:
             truncated = True
             break
-        table.add_row(*(str(row[c]) for c in columns))
+        cells: list[Text] = []
+        for c in columns:
+            short = None if wide else spec.short.get(c)
+            cells.append(Text(short(row[c]) if short is not None else str(row[c])))
+        table.add_row(*cells)
+        if spec.below is not None and not wide:
+            line = spec.below(row)
+            if line:
+                notes.append(line)
         n += 1
     if n == 0:
         app.out.print(empty_message)
         return 0
-    if app.out.is_terminal:
-        app.out.print(table)
-    else:
+    out = app.out
+    if not out.is_terminal:
         # Piped or redirected: rich would squeeze the table into 80 columns and fold every
         # cell. Let it take its natural width instead (it never pads beyond that).
-        Console(file=sys.stdout, width=_PIPED_TABLE_WIDTH, soft_wrap=True).print(table)
+        out = Console(file=sys.stdout, width=_PIPED_TABLE_WIDTH, soft_wrap=True)
+    out.print(table)
+    print_notes(out, notes)
     if truncated:
         app.err.print(
             f"showing the first {TABLE_ROW_LIMIT} rows; use --totals, narrower filters, "

@@ -16,7 +16,7 @@ import typer
 from billing_cli import __version__
 from billing_cli._errors import BillingError, ExitCode, UsageError, one_line
 from billing_cli.cli import commands
-from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, resolve_db_url
+from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, make_console, resolve_db_url
 from billing_cli.cli._logging import setup_logging
 
 log = logging.getLogger("billing_cli")
@@ -102,13 +102,16 @@ def _global(
             "(then BILLING_DATABASE_URL, DATABASE_URL or ./billing.db is used)"
         )
     verbosity = -1 if quiet else min(verbose, 2)
-    setup_logging(log_format, verbosity)
+    # One stderr console for the progress bars and the log lines (rich keeps the bar below).
+    err = make_console(stderr=True)
+    setup_logging(log_format, verbosity, err)
     ctx.obj = AppContext(
         registry_path=registry or Path(DEFAULT_REGISTRY),
         registry_explicit=registry is not None,
         db_url=resolve_db_url(db),
         log_format=log_format,
         verbosity=verbosity,
+        err=err,
     )
 
 

@@ -14,13 +14,19 @@ from typing import Annotated
 import click
 import orjson
 import typer
-from rich.markup import escape
 
 from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns, now_ns
 from billing_cli.cli._context import get_context
-from billing_cli.cli._flags import id_flag, source_option, time_flag
-from billing_cli.cli._rows import Cell, closing_rows, open_existing_store, write_rows
+from billing_cli.cli._flags import WideOption, id_flag, source_option, time_flag
+from billing_cli.cli._rows import (
+    Cell,
+    TableSpec,
+    closing_rows,
+    open_existing_store,
+    write_rows,
+)
+from billing_cli.cli._tables import short_id
 from billing_cli.cli.commands import new_app
 from billing_cli.store.base import INTEGRITY_KINDS, IntegrityEvent, IntegrityKind
 
@@ -56,8 +62,32 @@ COLUMNS = (
     "created_at",
     "acknowledged_at",
 )
-# The table leaves out what is rarely needed at a glance (all of it is in --json).
-TABLE_COLUMNS = ("id", "kind", "source_id", "node_id", "env", "uuid", "collected_at", "detail")
+# At 80 columns: which event, of what and when; the detail goes below the table, one line
+# per event. --wide: every column, the detail in the table. All of it is in --json.
+TABLE = TableSpec(
+    columns=("id", "kind", "source_id", "uuid", "collected_at"),
+    wide=(
+        "id",
+        "kind",
+        "source_id",
+        "node_id",
+        "env",
+        "uuid",
+        "inbound_tag",
+        "collected_at",
+        "run_id",
+        "created_at",
+        "acknowledged_at",
+        "detail",
+    ),
+    right_aligned=frozenset({"id", "run_id"}),
+    labels={"source_id": "source", "collected_at": "collected at (UTC)"},
+    short={
+        "uuid": lambda v: short_id(str(v)),
+        "collected_at": lambda v: str(v)[:19].replace("T", " "),
+    },
+    below=lambda row: (str(row["id"]), str(row["detail"])),
+)
 
 
 def _time(ns: int | None) -> str | None:
@@ -82,14 +112,9 @@ def event_json(e: IntegrityEvent) -> dict[str, Cell | None]:
 
 
 def _table_rows(events: Iterable[IntegrityEvent]) -> Iterator[dict[str, Cell]]:
+    # Cells are plain text (never rich markup): details quote exporter data such as "[/]".
     for e in events:
-        row = event_json(e)
-        # The table renders cells as rich markup; details quote exporter data ("[/]" in a
-        # uuid or an error) that must print literally, not restyle or break the table.
-        yield {
-            c: "" if (v := row[c]) is None else escape(v) if isinstance(v, str) else v
-            for c in TABLE_COLUMNS
-        }
+        yield {c: "" if v is None else v for c, v in event_json(e).items()}
 
 
 def _print_json(payload: object) -> None:
@@ -151,6 +176,7 @@ def list_events(
         str | None,
         typer.Option("--since", help="Events recorded at or after this time (RFC3339 or 2h)."),
     ] = None,
+    wide: WideOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     app_ctx = get_context(ctx)
@@ -170,7 +196,7 @@ def list_events(
         write_rows(
             app_ctx,
             "table",
-            TABLE_COLUMNS,
+            COLUMNS,
             _table_rows(events),
             title="Integrity events" if show_all else "Open integrity events",
             empty_message=(
@@ -178,7 +204,8 @@ def list_events(
                 if show_all
                 else "No open integrity events match these filters."
             ),
-            right_aligned=frozenset({"id"}),
+            table=TABLE,
+            wide=wide,
         )
 
 

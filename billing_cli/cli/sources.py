@@ -19,6 +19,8 @@ from rich.text import Text
 
 from billing_cli._errors import ConfigError, UsageError
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._flags import WideOption
+from billing_cli.cli._tables import result_table
 from billing_cli.cli.commands import new_app
 from billing_cli.registry import edit
 from billing_cli.registry.model import Registry, SourceConfig
@@ -126,6 +128,7 @@ Examples:
 @app.command("list", help=LIST_HELP)
 def list_sources(
     ctx: typer.Context,
+    wide: WideOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     app_ctx = get_context(ctx)
@@ -147,34 +150,45 @@ def list_sources(
         if registry.legacy
         else str(registry.path)
     )
-    table = Table(title=title, title_justify="left")
-    for col in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
-        # Only the URL may wrap: ids and the short columns stay greppable on one line.
-        table.add_column(
-            col, overflow="fold", no_wrap=col != "url", min_width=20 if col == "url" else None
-        )
-    for s in registry.sources:
-        # Text(), not str: registry values are data, never rich markup or emoji codes.
-        table.add_row(
-            *(
-                Text(v)
-                for v in (
-                    s.source_id,
-                    s.node_id,
-                    s.env,
-                    s.base_url,
-                    s.auth_mode,
-                    s.api,
-                    "yes" if s.enabled else "no",
-                    s.effective_collect_interval,
-                )
-            )
-        )
-    # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
     out = app_ctx.out
     if not out.is_terminal:
+        # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
         out = Console(file=out.file, width=max(out.width, 200), color_system=None)
-    out.print(table)
+    # The title on a line of its own: a table title wraps to the table's width.
+    out.print(title)
+    out.print(sources_table(registry, wide=wide))
+
+
+def sources_table(registry: Registry, *, wide: bool = False) -> Table:
+    """At 80 columns: id, node/env, auth, on, url (the url wraps in its cell, nothing else
+    does); --wide: every column, each in its own."""
+    table = result_table()
+    if wide:
+        cols = ["id", "node", "env", "url", "auth", "api", "enabled", "interval", "timeout"]
+        cols += ["server_name", "ca_bundle_ref"]
+    else:
+        cols = ["id", "node/env", "auth", "on", "url"]
+    for col in cols:
+        table.add_column(col, overflow="fold", no_wrap=col != "url", min_width=None)
+    for s in registry.sources:
+        values = {
+            "id": s.source_id,
+            "node": s.node_id,
+            "env": s.env,
+            "node/env": f"{s.node_id}/{s.env}",
+            "url": s.base_url,
+            "auth": s.auth_mode,
+            "api": s.api,
+            "enabled": "yes" if s.enabled else "no",
+            "on": "yes" if s.enabled else "no",
+            "interval": s.effective_collect_interval,
+            "timeout": s.effective_request_timeout,
+            "server_name": s.server_name or "-",
+            "ca_bundle_ref": s.effective_ca_bundle_ref or "-",
+        }
+        # Text(), not str: registry values are data, never rich markup or emoji codes.
+        table.add_row(*(Text(values[c]) for c in cols))
+    return table
 
 
 SHOW_HELP = """\
