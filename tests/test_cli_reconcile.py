@@ -9,6 +9,7 @@ unchanged row for row.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -337,3 +338,54 @@ def test_a_long_dry_run_does_not_block_billing(make: MakeEnv) -> None:
         if dry.poll() is None:
             dry.kill()
             dry.communicate()
+
+
+def test_until_in_the_future_is_capped_at_now_and_said_once(make: MakeEnv) -> None:
+    """It walked ~27,000 empty hourly chunks up to 2030, for hours, holding the lock."""
+    env = make(series=3, minutes=10)
+    node = env.sim.fleet.node("node-01")
+    before = time.time_ns()
+    res = env.run(
+        "reconcile", "--source", "node-01", "--since", "1h", "--until", "2030-01-01T00:00:00Z",
+        "--dry-run", "--json",
+    )  # fmt: skip
+    after = time.time_ns()
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("--until 2030-01-01T00:00:00Z is in the future; using now") == 1
+    doc = orjson.loads(res.stdout)
+    assert before <= _ns(doc["until"]) <= after
+    assert only(doc)["status"] == "ok"
+    untils = [_ns(q["until"]) for ep, q in node.requests if ep == "window"]
+    assert untils
+    assert max(untils) < after  # nothing past now was asked for
+    assert len(untils) <= 3  # one hour of 1h chunks (plus paging), not 27,000
+
+
+def test_the_time_budget_stops_a_long_reconcile(make: MakeEnv) -> None:
+    env = make(series=3, minutes=20, defaults="page_limit = 1")
+    env.sim.fleet.node("node-01").set_fault("slow", delay_s=0.3)
+    started = time.monotonic()
+    row = only(
+        env.json(
+            "reconcile", "--source", "node-01", "--since", "2h", "--source-timeout", "1s",
+            expect=1,
+        )
+    )  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert row["status"] == "failed"
+    assert "time budget of 1s" in row["error"]
+    assert re.search(
+        r"reconcile again with --since \S+Z \(or a --source-timeout above 1s\)", row["error"]
+    )
+    assert "checkpoint" not in row["error"]  # reconcile never moves checkpoints
+    res = env.run("reconcile", "--source", "node-01", "--since", "1h", "--source-timeout", "0s")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --source-timeout")
+
+
+def test_a_range_of_too_many_chunks_is_a_flag_error(make: MakeEnv) -> None:
+    env = make(series=1, minutes=2)
+    res = env.run("reconcile", "--source", "node-01", "--since", "1700-01-01")
+    assert res.exit_code == 2, res.output
+    assert "chunks of 1h" in res.stderr
+    assert env.sim.fleet.node("node-01").requests == []

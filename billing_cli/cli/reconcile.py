@@ -205,7 +205,7 @@ def reconcile_command(
         )
         ordered = [outcomes[s.source_id] for s in selected]
         for o in ordered:
-            o.error = _budget_error(o.error, dry_run=dry_run)
+            o.error = _budget_error(o, since_ns, source_timeout, dry_run=dry_run)
         if not dry_run:
             finish_run(store, run_id, "reconcile", ordered)
         code = exit_code_for(ordered)
@@ -223,20 +223,24 @@ def reconcile_command(
         return int(code)
 
 
-_BUDGET = re.compile(r"time budget of (\S+) used up at (\S+?);.*$")
+# The collector's budget message (between pages) speaks of checkpoints, which reconcile
+# never moves; the transport's (during a request) says only that the budget ran out.
+_CHECKPOINT_CLAUSE = re.compile(
+    r"; committed pages are kept and the next run continues from the checkpoint"
+)
 
 
-def _budget_error(error: str | None, *, dry_run: bool) -> str | None:
-    """The collector's budget message speaks of checkpoints; say what it means here."""
-    if error is None:
-        return None
-    m = _BUDGET.search(error)
-    if m is None:
-        return error
+def _budget_error(o: SourceOutcome, since_ns: int, budget: str, *, dry_run: bool) -> str | None:
+    """A reconcile stopped by its time budget: say what is done and how to finish."""
+    if o.error is None or "time budget" not in o.error:
+        return o.error
+    # Re-reading the last minute that arrived is harmless (re-delivery changes nothing).
+    resume = max(o.minutes_seen, default=minute_floor_ns(since_ns))
     done = "nothing was written (dry run)" if dry_run else "the pages before it are applied"
-    return error[: m.start()] + (
-        f"time budget of {m.group(1)} used up at {m.group(2)}; {done}; reconcile again "
-        f"with --since {m.group(2)} (or a larger --source-timeout) to finish"
+    return (
+        _CHECKPOINT_CLAUSE.sub("", o.error)
+        + f"; {done}; reconcile again with --since {format_rfc3339_ns(resume)}"
+        + f" (or a --source-timeout above {budget}) to finish"
     )
 
 
