@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -230,3 +232,51 @@ def test_an_empty_db_flag_is_a_flag_error(cli: Any, registry: Path, value: str) 
     assert res.stderr.startswith("error: --db is empty")
     assert len(res.stderr.splitlines()) == 1
     assert not Path("billing.db").exists()
+
+
+# --- shell completion (typer's) ------------------------------------------------------------
+
+
+def test_show_completion_prints_a_script_for_the_shell() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "billing_cli", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "complete -o default -F _billing_completion billing" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("billing sou", {"sources"}),
+        ("billing sources s", {"show", "set"}),
+        ("billing integrity a", {"ack"}),
+        ("billing usage --wi", {"--wide"}),
+    ],
+)
+def test_completion_through_a_real_bash(words: str, expected: set[str]) -> None:
+    """The script `--show-completion bash` prints, sourced by bash, asks billing itself."""
+    bindir = str(Path(sys.executable).parent)
+    assert (Path(bindir) / "billing").exists()
+    script = (
+        "source <(billing --show-completion bash); COMP_WORDS=($WORDS); "
+        "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); _billing_completion billing; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+        "WORDS": words,
+        "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1",
+    }
+    res = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(res.stdout.split()) == expected, res.stdout

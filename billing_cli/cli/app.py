@@ -42,8 +42,11 @@ Global options (--registry, --db, --log-format, -v, -q) may be given anywhere on
 app = commands.new_app(
     HELP,
     name="billing",
+    # Typer's --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+COMPLETE_VAR = "_BILLING_COMPLETE"  # set by the installed completion script
 
 
 def _version(value: bool) -> None:
@@ -167,9 +170,20 @@ def hoist_global_options(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if os.environ.get(COMPLETE_VAR):
+        complete()  # the shell asks for completions: answer and exit
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     code = run(args)
     sys.exit(code)
+
+
+def complete() -> None:
+    """Answer a completion request of the script ``--install-completion`` installed. (Our
+    ``run`` does not go through click's ``main()``, where typer would do this.)"""
+    commands.register(app)
+    command = typer.main.get_command(app)
+    command._main_shell_completion({}, "billing", COMPLETE_VAR)
+    sys.exit(0)  # not reached: the completion exits itself
 
 
 def run(args: Sequence[str]) -> int:
