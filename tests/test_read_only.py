@@ -338,3 +338,13 @@ def test_a_snapshot_that_changes_underneath_is_an_error_not_a_torn_read(tmp_path
             reader.list_checkpoints()
     finally:
         reader.close()
+
+
+@pytest.mark.postgres
+def test_integrity_ack_on_an_empty_database_creates_nothing(
+    cli: CliRunnerFn, postgres_url: str
+) -> None:
+    res = cli("--db", postgres_url, "integrity", "ack", "--all-open")
+    assert res.exit_code == 4, res.output
+    assert "no billing data in" in res.stderr
+    assert _tables(postgres_url) == []

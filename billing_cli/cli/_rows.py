@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from billing_cli._errors import StoreError, UsageError
+from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
 from billing_cli.cli._flags import source_option, time_flag
@@ -134,12 +134,9 @@ def open_existing_store(app: AppContext, *, write: bool = False) -> Iterator[Sto
     from billing_cli.store import open_store
 
     if write:
-        path = _sqlite_path(app.db_url)
-        if path is not None and not path.exists():
-            raise StoreError(
-                f"database {path} does not exist: nothing collected yet "
-                "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
-            )
+        # Data to change must exist: a missing file or a database without the schema is
+        # "no billing data" (from the read-only open), never created by this command.
+        open_store(app.db_url, read_only=True).close()
     store = open_store(app.db_url, read_only=not write)
     try:
         yield store
