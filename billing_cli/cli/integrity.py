@@ -126,7 +126,8 @@ LIST_HELP = """\
 List integrity events, oldest first: open ones by default, --all for acknowledged too.
 
 --since filters on when the event was recorded (RFC3339 with a zone, or a duration ago
-such as 2h or 7d). --json gives a list of objects (id, kind, node_id, env, uuid,
+such as 2h or 7d). The table fits 80 columns with each event's detail below it; --wide
+puts every column in the table. --json gives a list of objects (id, kind, node_id, env, uuid,
 inbound_tag, collected_at, source_id, run_id, detail, created_at, acknowledged_at);
 times are RFC3339 UTC, missing values null.
 
@@ -214,8 +215,9 @@ Acknowledge open integrity events: by id, every open event of one --source, or
 --all-open. Already acknowledged events keep their first acknowledgement time. Prints
 how many events were acknowledged (--json: {"acknowledged": N}).
 
-Exit status: 0, 2 when neither ids, --source nor --all-open is given, 4 when the
-database is missing or cannot be read.
+Exit status: 0, 2 when neither ids, --source nor --all-open is given or an id matches no
+event ("no such event"; then nothing is acknowledged), 4 when the database is missing or
+cannot be read.
 
 Examples:
 

@@ -13,8 +13,13 @@ the regular collection. It takes the same per-source lock as collect, so it neve
 concurrently with a collect of the same source.
 
 ``--dry-run`` runs exactly the same code inside ``store.dry_run()``: every page is applied
-in one transaction that is rolled back at the end, and no run record is written, so the
-report is exact and the database is unchanged row for row.
+in its own transaction, rolled back at once (the write lock is held for one page, never
+for the whole run), after the new observations of the earlier pages are re-applied in it,
+so the report is exact; no run record is written and the database is unchanged row for
+row.
+
+``--until`` in the future is capped at now; a time budget (``--source-timeout``) bounds
+each source like collect's does.
 """
 
 from __future__ import annotations
@@ -66,12 +71,15 @@ Re-pull a time range of one or more sources and repair what collect missed.
 
 Reads [--since, --until) again from the exporter (regardless of checkpoints), applies it
 and reports what changed: new and conflicting observations, buckets repaired (with the
-byte differences), ledger adjustments (count and amount) and completeness: the minutes
-in the range with no item from the source. Re-delivered data changes nothing, so a
-reconcile is always safe. Checkpoints are never touched; the source's lock is taken.
+byte differences), the money posted (net amount: charges plus adjustments) and
+completeness: the minutes in the range with no item from the source. Re-delivered data
+changes nothing, so a reconcile is always safe. Checkpoints are never touched; the
+source's lock is taken. --until in the future is capped at now; --source-timeout bounds
+each source (default 1h). The table fits 80 columns; --wide shows every column.
 
---dry-run produces the same report and writes nothing (everything is rolled back), which
-makes it a comparison tool: e.g. during the move from EXPORTER_BASE_URL to the registry.
+--dry-run produces the same report and writes nothing (each page is rolled back at once,
+so it never blocks collect), which makes it a comparison tool: e.g. during the move from
+EXPORTER_BASE_URL to the registry.
 
 Exit codes: 0 done (holes are reported, not failures); 1 a source failed; 2 bad flags or
 registry; 75 every selected source is held by another run.
