@@ -205,16 +205,20 @@ def test_retry_warnings_print_above_the_progress_bar(
     assert " ".join(lines).count("retrying in") == 2
 
 
+@pytest.mark.parametrize(
+    "command", [("reconcile", "--dry-run"), ("collect",)], ids=["reconcile", "collect"]
+)
 def test_a_long_single_source_pull_shows_chunks_pages_and_samples(
-    sim_fleet: Callable[..., SimFleet], tmp_path: Path
+    sim_fleet: Callable[..., SimFleet], tmp_path: Path, command: tuple[str, ...]
 ) -> None:
+    """It showed 0/1 for a minute: the bar now counts chunks, its text pages and samples."""
     sim = sim_fleet(nodes=["solo"], series=8, minutes=180, end_ns=fleet_end_ns())
     registry = sim.write_registry(extra=DEFAULT_PRICING)
     registry.write_text('[defaults]\nchunk = "30m"\npage_limit = 5\n' + registry.read_text())
     sim.fleet.node("solo").set_fault("slow", delay_s=0.05)
     res = run_in_pty(
-        ["--registry", str(registry), "--db", str(tmp_path / "b.db"), "reconcile",
-         "--source", "solo", "--since", "4h", "--dry-run"],
+        ["--registry", str(registry), "--db", str(tmp_path / "b.db"), command[0],
+         "--source", "solo", "--since", "4h", *command[1:]],
         cwd=tmp_path,
     )  # fmt: skip
     assert res.exit_code == 0, str(res.screen)
@@ -222,4 +226,4 @@ def test_a_long_single_source_pull_shows_chunks_pages_and_samples(
     # Chunks of 30 minutes over 4 hours: the bar counts them, the text names them.
     assert re.search(r"solo \d\d-\d\d \d\d:\d\d: page [1-9]\d*, [1-9][\d,]* samples", frames)
     assert re.search(r" [1-7]/8 ", frames), "the bar never moved between 0/8 and 8/8"
-    assert "reconcile (dry run)" in frames
+    assert ("reconcile (dry run)" if command[0] == "reconcile" else "collect solo") in frames
