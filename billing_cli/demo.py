@@ -354,7 +354,7 @@ def run_demo(
         say("\n4. Reconcile node-b's last 40 minutes: the late item splits one minute's")
         say("   delta in two buckets. The ledger gets a charge for the new bucket and an")
         say("   adjustment of the old one; the amount column is the net money the run")
-        say("   posted: zero (or a nano-unit of rounding), as the total bytes do not change.")
+        say("   posted: zero (or nano-units of rounding), as the total bytes do not change.")
         behind = LEAD_MINUTES - sum(ADVANCES)
         say(f"   (The newest minutes show as missing: the simulator runs {behind} minutes")
         say("   behind the real clock.)")
