@@ -321,20 +321,18 @@ def run_demo(
             f"Simulated exporters over HTTPS, each with {HISTORY_MINUTES} minutes of "
             f"{SERIES} accounts' counters:"
         )
-        say(f"  node-a  {fa.base_url('node-a')}  mTLS (client certificate)")
-        say(f"  node-b  {fb.base_url('node-b')}  bearer token, own CA, server_name")
-        say(f"          {SERVER_NAME_B}")
+        say(f"  node-a  {fa.base_url('node-a')}  mTLS")
+        say(f"  node-b  {fb.base_url('node-b')}  bearer token, own CA,")
+        say(f"          server_name {SERVER_NAME_B}")
         say("  node-c  registered, disabled")
         sources = ["--source", SOURCE_A, "--source", SOURCE_B]
 
         say("\n1. First collect: no checkpoint yet, so each source is read from 2h ago.")
         billing("collect", *sources)
 
-        say(
-            "\n2. Xray restarts on node-a (counters back to zero; like the deployed exporter it"
-            f" sends no epoch, so billing sees the drop); {ADVANCES[0]} minutes"
-        )
-        say("   pass. Meanwhile node-b delivers an item from 25 minutes ago, late.")
+        say("\n2. Xray restarts on node-a: its counters start again from zero (like the")
+        say(f"   deployed exporter, no epoch: billing sees the drop). {ADVANCES[0]} minutes pass.")
+        say("   Meanwhile node-b delivers an item from 25 minutes ago, late.")
         fa.node("node-a").restart_counters()
         times_b = fb.node("node-b").collected_ats()
         target = times_b[-1] - (LATE_ITEM_AGE_MINUTES - LEAD_MINUTES) * NS_PER_MINUTE
@@ -356,7 +354,9 @@ def run_demo(
         billing("collect", *sources)
 
         say("\n4. Reconcile node-b's last 40 minutes: the late item splits one minute's")
-        say("   delta in two buckets; the ledger gets adjustments, total bytes do not change.")
+        say("   delta in two buckets. The ledger gets a charge for the new bucket and an")
+        say("   adjustment of the old one; the amount column is the net money the run")
+        say("   posted: zero (or nano-units of rounding), as the total bytes do not change.")
         behind = LEAD_MINUTES - sum(ADVANCES)
         say(f"   (The newest minutes show as missing: the simulator runs {behind} minutes")
         say("   behind the real clock.)")
@@ -369,10 +369,9 @@ def run_demo(
         billing("usage", "--totals")
         billing("ledger", "--totals")
 
-        say(
-            f"\nDone in {time.monotonic() - started:.1f}s. Explore: billing --registry {registry}"
-            f" --db {database} sources list"
-        )
+        say(f"\nDone in {time.monotonic() - started:.1f}s. Explore:")
+        say(f"  billing --registry {registry} \\")
+        say(f"      --db {database} sources list")
         if keep_running is not None:
             keep_running(result)
     say("Simulated exporters stopped.")

@@ -87,6 +87,21 @@ def test_demo_end_to_end_matches_the_simulator(cli: Any, tmp_path: Path) -> None
     assert (folder / "tls" / "billing-client.key").stat().st_mode & 0o077 == 0
     assert (folder / MARKER).is_file()
 
+    # The reconcile step reports the net money it posted: what its run added to the ledger.
+    section = out[out.index("$ billing reconcile") : out.index("5. Health")]
+    row = next(line.split() for line in section.splitlines() if line.startswith(SOURCE_B))
+    shown = Decimal(row[5])  # source status new buckets bytesΔ amount missing
+    store = open_store(str(folder / "billing.db"))
+    try:
+        (rec,) = [r for r in store.last_source_results().values() if r.kind == "reconcile"]
+        posted = [r for r in store.iter_ledger(RowFilter()) if r.run_id == rec.run_id]
+    finally:
+        store.close()
+    assert any(r.entry_type == "charge" for r in posted)  # the new bucket of the split
+    assert any(r.entry_type == "adjustment" for r in posted)  # the old one
+    assert shown == Decimal(sum(r.amount_nano for r in posted)) / 10**9
+    assert "net money the run" in out
+
     # The folder is a working billing setup afterwards: status --json says healthy.
     st = cli(
         "status",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +185,98 @@ def test_bad_log_format_is_a_usage_error(cli: Any) -> None:
     assert res.exit_code == 2
     assert "xml" in res.output
     assert "Traceback" not in res.output
+
+
+def _billing(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real program: click's own rendering would go straight to the process's stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "billing_cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("usage", "--nope"), "no such option '--nope'"),
+        (("colect",), "did you mean 'collect'"),
+        (("usage", "--by", "week"), "'week' is not one of"),
+        (("integrity", "ack", "--source"), "'--source' requires an argument"),
+        (("sources", "add"), "missing argument"),
+    ],
+)
+def test_usage_errors_are_one_error_line(args: tuple[str, ...], needle: str) -> None:
+    res = _billing(*args)
+    assert res.returncode == 2
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), res.stderr
+    assert needle.lower() in lines[0].lower()
+
+
+def test_a_group_without_a_command_still_shows_its_help() -> None:
+    res = _billing("sources")
+    assert res.returncode == 2
+    assert "Usage: billing sources" in res.stderr
+    assert "list" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_db_flag_is_a_flag_error(cli: Any, registry: Path, value: str) -> None:
+    res = cli("--registry", str(registry), "--db", value, "sources", "list")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --db is empty")
+    assert len(res.stderr.splitlines()) == 1
+    assert not Path("billing.db").exists()
+
+
+# --- shell completion (typer's) ------------------------------------------------------------
+
+
+def test_show_completion_prints_a_script_for_the_shell() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "billing_cli", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    assert "complete -o default -F _billing_completion billing" in res.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("billing sou", {"sources"}),
+        ("billing sources s", {"show", "set"}),
+        ("billing integrity a", {"ack"}),
+        ("billing usage --wi", {"--wide"}),
+    ],
+)
+def test_completion_through_a_real_bash(words: str, expected: set[str]) -> None:
+    """The script `--show-completion bash` prints, sourced by bash, asks billing itself."""
+    bindir = str(Path(sys.executable).parent)
+    assert (Path(bindir) / "billing").exists()
+    script = (
+        "source <(billing --show-completion bash); COMP_WORDS=($WORDS); "
+        "COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); _billing_completion billing; "
+        'printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bindir}:{os.environ.get('PATH', '')}",
+        "WORDS": words,
+        "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1",
+    }
+    res = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert set(res.stdout.split()) == expected, res.stdout

@@ -114,6 +114,8 @@ def test_summary_numbers_exact_and_reingest_is_noop(
         "adjustments": 0,
         "batches": 1,
         "charged_amount": "0.830000000",  # 830 bytes at 0.001 EUR/B
+        "charge_amount": "0.830000000",
+        "adjustment_amount": "0.000000000",
         "currency": "EUR",
     }
     usage, sums, postings = state(db_url)

@@ -179,3 +179,19 @@ def test_missing_database_is_one_line_and_not_created(cli: CliRunnerFn, tmp_path
         assert len(res.stderr.strip().splitlines()) == 1
         assert "billing collect" in res.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_source_is_one_repeatable_dash_s_flag(cli: CliRunnerFn, db: str) -> None:
+    from billing_cli.store import open_store
+
+    store = open_store(db)
+    try:
+        store.record_integrity_event("anomaly", node_id="n2", env="e", source_id="b", detail="d")
+    finally:
+        store.close()
+    assert {r["source_id"] for r in _list(cli, db, "-s", "a", "-s", "b")} == {"a", "b"}
+    assert {r["source_id"] for r in _list(cli, db, "--source", "b")} == {"b"}
+    res = cli("--db", db, "integrity", "ack", "-s", "a", "-s", "b", "--json")
+    assert res.exit_code == 0, res.output
+    assert orjson.loads(res.stdout) == {"acknowledged": 3}
+    assert [r["source_id"] for r in _list(cli, db)] == [None]  # the unattributed one is left

@@ -8,8 +8,14 @@ unchanged row for row.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 from typing import Any
 
+import orjson
 import pytest
 from _collect_support import (
     Env,
@@ -96,6 +102,12 @@ def test_reconcile_repairs_a_late_item_and_the_report_matches(make: MakeEnv) -> 
     from billing_cli.core.money import format_amount
 
     assert row["adjustment_amount"] == format_amount(sum(r.amount_nano for r in adjustments))
+    charges = [r for r in new_rows if r.entry_type == "charge"]
+    assert row["charges"] == len(charges)
+    assert row["charge_amount"] == format_amount(sum(r.amount_nano for r in charges))
+    # The net money the run posted: every row it appended.
+    assert row["amount"] == format_amount(sum(r.amount_nano for r in new_rows))
+    assert doc["currency"] == "USD"
     assert row["completeness"]["missing_minutes"] is not None
 
     # Exact totals afterwards, and the checkpoint did not move.
@@ -109,6 +121,31 @@ def test_reconcile_repairs_a_late_item_and_the_report_matches(make: MakeEnv) -> 
     assert again["new_observations"] == 0
     assert again["buckets_repaired"] == 0
     assert again["ledger_adjustments"] == 0
+
+
+def test_the_report_counts_new_charges_in_the_amount(make: MakeEnv) -> None:
+    """A reconcile of never-collected minutes posts charges, not adjustments: the amount is
+    their sum (it was 0.000000000: only adjustments were counted) and matches what
+    `billing ingest` calls charged_amount for the same data."""
+    env = make(series=4, minutes=10)
+    doc = env.json("reconcile", "--source", "node-01", "--since", "2h")
+    row = only(doc)
+    posted = [r for r in _ledger(env) if r.run_id == doc["run_id"]]
+    assert posted
+    assert all(r.entry_type == "charge" for r in posted)
+    from billing_cli.core.money import format_amount
+
+    total = format_amount(sum(r.amount_nano for r in posted))
+    assert total != "0.000000000"
+    assert row["amount"] == total
+    assert row["charge_amount"] == total
+    assert row["charges"] == len(posted)
+    assert (row["ledger_adjustments"], row["adjustment_amount"]) == (0, "0.000000000")
+    # People see the same figure.
+    again = make(series=4, minutes=10)
+    res = again.run("reconcile", "--source", "node-01", "--since", "2h")
+    assert res.exit_code == 0, res.output
+    assert total in res.stdout
 
 
 def _ns(text: str) -> int:
@@ -259,3 +296,109 @@ def test_without_a_price_reconcile_warns_that_everything_rates_at_zero(make: Mak
             f"warning: {env.registry}: [pricing] sets no price_per_unit: everything rates at "
             'zero (set price_per_unit, "0" to make it free on purpose)'
         ]
+
+
+def _spawn(env: Env, *args: str) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "EXPORTER_"))}
+    clean.pop("DATABASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "billing_cli", "--registry", str(env.registry), "--db", env.db,
+         *args],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_a_long_dry_run_does_not_block_billing(make: MakeEnv) -> None:
+    """While a dry run of one source runs in one process, a collect of another source, and
+    the read commands, succeed in other processes — they finish before the dry run does.
+    (Before: the dry run held the SQLite write lock from its first page to its last, and
+    they failed after 30 s with "database is locked".)"""
+    env = make(nodes=2, series=5, minutes=20, defaults="page_limit = 1")
+    assert env.json("collect")["outcome"] == "ok"
+    node = env.sim.fleet.node("node-01")
+    node.set_fault("slow", delay_s=0.4)  # ~21 pages: the dry run takes ~9 s
+    env.sim.fleet.advance(2)  # something for node-02's collect to apply
+    served = len(node.requests)
+    dry = _spawn(env, "reconcile", "--source", "node-01", "--since", "2h", "--dry-run", "--json")
+    try:
+        deadline = time.monotonic() + 30
+        while len(node.requests) < served + 4:  # the dry run has applied pages by now
+            assert dry.poll() is None, dry.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for args in (
+            ("collect", "--source", "node-02", "--json"),
+            ("usage", "--json"),
+            ("ledger", "--json"),
+            ("status", "--json"),
+        ):
+            proc = _spawn(env, *args)
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode in (0, 1), (args, err)
+            assert "locked" not in err, (args, err)
+            if args[0] == "collect":
+                assert proc.returncode == 0, err
+                assert only(orjson.loads(out), "node-02")["status"] == "ok"
+            # Finished while the dry run still works: nothing waited for it.
+            assert dry.poll() is None, (args, "the dry run ended first")
+        out, err = dry.communicate(timeout=120)
+        assert dry.returncode == 0, err
+        assert only(orjson.loads(out))["status"] == "ok"
+    finally:
+        if dry.poll() is None:
+            dry.kill()
+            dry.communicate()
+
+
+def test_until_in_the_future_is_capped_at_now_and_said_once(make: MakeEnv) -> None:
+    """It walked ~27,000 empty hourly chunks up to 2030, for hours, holding the lock."""
+    env = make(series=3, minutes=10)
+    node = env.sim.fleet.node("node-01")
+    before = time.time_ns()
+    res = env.run(
+        "reconcile", "--source", "node-01", "--since", "1h", "--until", "2030-01-01T00:00:00Z",
+        "--dry-run", "--json",
+    )  # fmt: skip
+    after = time.time_ns()
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("--until 2030-01-01T00:00:00Z is in the future; using now") == 1
+    doc = orjson.loads(res.stdout)
+    assert before <= _ns(doc["until"]) <= after
+    assert only(doc)["status"] == "ok"
+    untils = [_ns(q["until"]) for ep, q in node.requests if ep == "window"]
+    assert untils
+    assert max(untils) < after  # nothing past now was asked for
+    assert len(untils) <= 3  # one hour of 1h chunks (plus paging), not 27,000
+
+
+def test_the_time_budget_stops_a_long_reconcile(make: MakeEnv) -> None:
+    env = make(series=3, minutes=20, defaults="page_limit = 1")
+    env.sim.fleet.node("node-01").set_fault("slow", delay_s=0.3)
+    started = time.monotonic()
+    row = only(
+        env.json(
+            "reconcile", "--source", "node-01", "--since", "2h", "--source-timeout", "1s",
+            expect=1,
+        )
+    )  # fmt: skip
+    assert time.monotonic() - started < 30
+    assert row["status"] == "failed"
+    assert "time budget of 1s" in row["error"]
+    assert re.search(
+        r"reconcile again with --since \S+Z \(or a --source-timeout above 1s\)", row["error"]
+    )
+    assert "checkpoint" not in row["error"]  # reconcile never moves checkpoints
+    res = env.run("reconcile", "--source", "node-01", "--since", "1h", "--source-timeout", "0s")
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: --source-timeout")
+
+
+def test_a_range_of_too_many_chunks_is_a_flag_error(make: MakeEnv) -> None:
+    env = make(series=1, minutes=2)
+    res = env.run("reconcile", "--source", "node-01", "--since", "1700-01-01")
+    assert res.exit_code == 2, res.output
+    assert "chunks of 1h" in res.stderr
+    assert env.sim.fleet.node("node-01").requests == []

@@ -421,10 +421,15 @@ def test_registry_flag_and_env(cli: Any, tmp_path: Path, monkeypatch: pytest.Mon
 def test_example_registry_lists(cli: Any) -> None:
     res = cli("sources", "list", "--registry", str(ROOT / "sources.example.toml"))
     assert res.exit_code == 0, res.output
-    for word in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
+    for word in ("id", "node/env", "auth", "on", "url"):
         assert word in res.stdout
     for sid in ("jp-1", "de-1", "us-stage", "mtls+bearer"):
         assert sid in res.stdout
+    assert "interval" not in res.stdout  # --wide only
+    wide = cli("sources", "list", "--wide", "--registry", str(ROOT / "sources.example.toml"))
+    assert wide.exit_code == 0, wide.output
+    for word in ("id", "node", "env", "url", "auth", "api", "enabled", "interval", "timeout"):
+        assert word in wide.stdout
 
 
 # --- legacy shim and errors ------------------------------------------------------------------
@@ -445,7 +450,7 @@ def test_legacy_shim_listed_as_legacy(cli: Any, monkeypatch: pytest.MonkeyPatch)
     res = cli("sources", "list")
     assert res.exit_code == 0
     assert "legacy single source from EXPORTER_BASE_URL" in res.stdout
-    assert "\n│ legacy " in res.stdout
+    assert "\nlegacy " in res.stdout
 
     res = cli("sources", "disable", "legacy")
     assert res.exit_code == 2
@@ -550,3 +555,104 @@ def test_editor_waits_for_the_directory_lock(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "enabled = false" in registry.read_text()
+
+
+# --- --json on edits, `sources set`, shared identities ---------------------------------------
+
+
+def _edit_json(cli: Any, *args: str) -> dict[str, Any]:
+    res = cli(*args, "--json")
+    assert res.exit_code == 0, res.output
+    doc: dict[str, Any] = json.loads(res.stdout)
+    assert list(doc)[:5] == ["action", "changed", "registry", "source_id", "source"]
+    return doc
+
+
+def test_edits_print_json(cli: Any, registry: Path) -> None:
+    added = _edit_json(cli, *ADD_JP, "--registry", str(registry))
+    assert (added["action"], added["changed"], added["source_id"]) == ("added", True, "jp-1")
+    assert list(added["source"]) == SOURCE_KEYS
+    assert added["source"]["auth_mode"] == "mtls"
+    off = _edit_json(cli, "sources", "disable", "jp-1", "--registry", str(registry))
+    assert (off["action"], off["changed"], off["source"]["enabled"]) == ("disabled", True, False)
+    again = _edit_json(cli, "sources", "disable", "jp-1", "--registry", str(registry))
+    assert again["changed"] is False
+    on = _edit_json(cli, "sources", "enable", "jp-1", "--registry", str(registry))
+    assert (on["action"], on["source"]["enabled"]) == ("enabled", True)
+    gone = _edit_json(cli, "sources", "remove", "jp-1", "--registry", str(registry))
+    assert (gone["action"], gone["source"]["node_id"]) == ("removed", "tokyo-1")
+    assert "jp-1" not in registry.read_text()
+
+
+def test_set_edits_one_field_in_place_keeping_comments(cli: Any, registry: Path) -> None:
+    before = registry.read_text()
+    doc = _edit_json(cli, "sources", "set", "a", "--base-url", "https://a2.example.net",
+                     "--registry", str(registry))  # fmt: skip
+    assert (doc["action"], doc["changed"], doc["fields"]) == ("set", True, ["base_url"])
+    assert doc["source"]["base_url"] == "https://a2.example.net"
+    after = registry.read_text()
+    # Exactly that one line changed, in place; every comment and other entry kept.
+    diff = [(x, y) for x, y in zip(before.splitlines(), after.splitlines(), strict=True) if x != y]
+    assert diff == [('base_url = "https://a.example.net"', 'base_url = "https://a2.example.net"')]
+
+
+def test_set_keeps_an_inline_comment_adds_new_keys_and_unsets(cli: Any, registry: Path) -> None:
+    res = cli("sources", "set", "a", "--request-timeout", "20s", "--ca-bundle-ref", "system",
+              "--registry", str(registry))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "set ca_bundle_ref, request_timeout of source 'a'" in res.stdout
+    text = registry.read_text()
+    entry_a = text[text.index('source_id = "a"') : text.index("# Frankfurt")]
+    assert 'source_id = "a"   # odd   spacing kept' in entry_a
+    assert 'request_timeout = "20s"' in entry_a
+    assert "# Frankfurt\n# (pinned CA)\n[[sources]]" in text  # b's comments stay with b
+    res = cli("sources", "set", "b", "--unset", "ca_bundle_ref", "--registry", str(registry))
+    assert res.exit_code == 0, res.output
+    assert "b-ca.pem" not in registry.read_text()
+    shown = json.loads(cli("sources", "show", "b", "--json", "--registry", str(registry)).stdout)
+    assert shown["ca_bundle_ref"] == "system"  # falls back to [defaults]
+    res = cli("sources", "set", "c", "--enabled", "--registry", str(registry))
+    assert res.exit_code == 2  # enabled has its own commands
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--client-cert-ref", "file:/x.pem"), 'auth_mode = "bearer" does not use it'),
+        (("--unset", "node_id"), "node_id is required"),
+        (("--unset", "colect_interval"), "did you mean 'collect_interval'"),
+        (("--request-timeout", "2m"), "must be shorter than collect_interval"),
+        ((), "nothing to change"),
+    ],
+)
+def test_set_refuses_invalid_results_and_writes_nothing(
+    cli: Any, registry: Path, args: tuple[str, ...], needle: str
+) -> None:
+    before = registry.read_bytes()
+    res = cli("sources", "set", "a", *args, "--registry", str(registry))
+    assert res.exit_code == 2, res.output
+    assert len(res.stderr.splitlines()) == 1
+    assert needle in res.stderr
+    assert registry.read_bytes() == before
+
+
+def test_set_to_the_same_value_changes_nothing(cli: Any, registry: Path) -> None:
+    before = registry.stat().st_mtime_ns
+    doc = _edit_json(cli, "sources", "set", "a", "--env", "prod", "--registry", str(registry))
+    assert (doc["changed"], doc["fields"]) == (False, [])
+    assert registry.stat().st_mtime_ns == before
+
+
+def test_two_sources_with_one_identity_are_accepted_with_one_warning(
+    cli: Any, registry: Path
+) -> None:
+    res = cli("sources", "set", "b", "--node-id", "n1", "--registry", str(registry))
+    assert res.exit_code == 0, res.output
+    res = cli("sources", "list", "--json", "--registry", str(registry))
+    assert res.exit_code == 0
+    assert len(json.loads(res.stdout)["sources"]) == 3
+    warnings = res.stderr.splitlines()
+    assert len(warnings) == 1, res.stderr
+    assert "sources 'a', 'b' have the same node_id 'n1' and env 'prod'" in warnings[0]
+    quiet = cli("-q", "sources", "list", "--registry", str(registry))
+    assert quiet.stderr == ""

@@ -448,7 +448,7 @@ def test_a_store_failure_fails_only_that_source(store: Store) -> None:
 def test_collect_table_renders_every_column() -> None:
     from rich.console import Console
 
-    from billing_cli.cli.collect import collect_table
+    from billing_cli.cli.collect import collect_lines, collect_table
     from billing_cli.collect.collector import SourceOutcome
     from billing_cli.store.base import ApplyReport
 
@@ -456,7 +456,9 @@ def test_collect_table_renders_every_column() -> None:
     ok.report = ApplyReport(items=5, samples=50, new_observations=40, duplicates=10)
     bad = SourceOutcome("node-b", "node-b", "prod", "failed", error="source 'node-b': [/] boom")
     console = Console(width=200, record=True)
-    console.print(collect_table([ok, bad], {}, T0, 7))
+    console.print(collect_table([ok, bad], {}, T0, 7, wide=True))
+    for label, line in collect_lines([ok, bad]):
+        console.print(f"{label}: {line}", markup=False, highlight=False)
     text = console.export_text()
     assert "collect run 7" in text
     for header in ("source", "status", "pages", "samples", "new", "dup", "buckets", "lag"):
@@ -464,6 +466,9 @@ def test_collect_table_renders_every_column() -> None:
     assert "node-a" in text
     assert "failed" in text
     assert "[/] boom" in text  # printed literally, not as rich markup
+    narrow = Console(width=200, record=True)
+    narrow.print(collect_table([ok, bad], {}, T0, 7))
+    assert "pages" not in narrow.export_text()  # --wide only
 
 
 @respx.mock

@@ -135,7 +135,16 @@ def ledger_sums(store: Store) -> dict[tuple[str, str, int], tuple[int, int]]:
 
 
 def check(fleet: Fleet, rnd: random.Random, pricing: Pricing, make: Any) -> None:
+    # Closed whatever happens: hypothesis may stop an example midway (st.randoms draws lazily).
     clean, messy = make(), make()
+    try:
+        _check(fleet, rnd, pricing, clean, messy)
+    finally:
+        clean.close()
+        messy.close()
+
+
+def _check(fleet: Fleet, rnd: random.Random, pricing: Pricing, clean: Store, messy: Store) -> None:
     run = clean.start_run("ingest", [])
     clean.apply(Batch(sorted(fleet.items, key=lambda i: i.collected_at_ns), run, pricing))
     run = messy.start_run("ingest", [])
@@ -224,8 +233,6 @@ def check(fleet: Fleet, rnd: random.Random, pricing: Pricing, make: Any) -> None
     assert rep.new_observations == 0
     assert rep.conflicts >= 1
     assert (usage(messy), ledger_sums(messy)) == before
-    clean.close()
-    messy.close()
 
 
 def _sqlite() -> Store:

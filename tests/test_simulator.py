@@ -393,7 +393,7 @@ def test_cli_serves_and_prints_registry(tmp_path: Path) -> None:
         assert orjson.loads(body)["node_id"] == "node-02"
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # also closes the pipes
 
 
 # --- the deployed exporter's wire (the default) ---------------------------------------------

@@ -305,27 +305,7 @@ def test_failed_apply_moves_nothing(store: Store) -> None:
     assert dump(store) == before
 
 
-def test_dry_run_leaves_every_table_unchanged(store: Store) -> None:
-    store.apply(batch(store, item(T0, ("a", 0, 0)), item(T0 + 2 * M, ("a", 100, 0))))
-    run_id = store.start_run("reconcile", ["s1"])
-    before = dump(store)
-    with store.dry_run():
-        rep = store.apply(
-            batch(
-                store,
-                item(T0 + M, ("a", 50, 0)),
-                item(T0 + 3 * M, ("a", 200, 0), ("new", 1, 1)),
-                run_id=run_id,
-                checkpoint=CheckpointAdvance("s1", "n1", "prod", "c", 99, 99),
-                rejections=[Rejection(None, "n1", "prod", "x", "y", "bad")],
-            )
-        )
-        assert rep.postings == 3  # visible inside the dry run
-        assert len(usage(store)) == 3
-        store.apply(batch(store, item(T0 + 4 * M, ("a", 300, 0)), run_id=run_id))
-    assert dump(store) == before
-    # The store is fully usable afterwards.
-    assert store.apply(batch(store, item(T0 + M, ("a", 50, 0)), run_id=run_id)).postings == 2
+# Dry runs: tests/test_store_dry_run.py.
 
 
 def test_filters_and_order(store: Store) -> None:

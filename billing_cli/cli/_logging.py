@@ -7,6 +7,7 @@ import sys
 from datetime import UTC, datetime
 
 import orjson
+from rich.console import Console
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,7 +28,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(payload, default=str).decode()
 
 
-def setup_logging(log_format: str, verbosity: int) -> None:
+def setup_logging(log_format: str, verbosity: int, console: Console | None = None) -> None:
+    """Route ``billing_cli`` logs to stderr.
+
+    On a terminal, text logs go through ``console`` — the command's own stderr console,
+    the one its progress bar draws on — so a log line (a retry warning) is printed above
+    the bar instead of onto the bar's line.
+    """
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     root = logging.getLogger("billing_cli")
     root.handlers.clear()
@@ -37,10 +44,10 @@ def setup_logging(log_format: str, verbosity: int) -> None:
     if log_format == "json":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter())
-    elif sys.stderr.isatty():
+    elif console is not None and console.is_terminal:
         from rich.logging import RichHandler
 
-        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

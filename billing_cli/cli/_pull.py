@@ -8,15 +8,20 @@ commands differ only in which range they pull and whether checkpoints move.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from billing_cli._errors import ExitCode
+from billing_cli._time import NS_PER_SECOND, format_rfc3339_ns
 from billing_cli.cli._context import AppContext
 from billing_cli.collect.collector import (
+    ClientFactory,
+    ExporterClient,
     PullSettings,
     PullTask,
     SourceOutcome,
@@ -75,27 +80,130 @@ def store_and_locks(app: AppContext) -> Iterator[tuple[Store, Locks]]:
         store.close()
 
 
-class ProgressHooks:
-    """Progress on a terminal (stderr); lock release as each source finishes."""
+@dataclass
+class _SourceProgress:
+    chunks: int  # in the task's range
+    chunk_ns: int
+    since_ns: int
+    started: int = 0  # chunks requested so far (the one in flight included)
+    done: bool = False
+    pages: int = 0
+    samples: int = 0
+    position_ns: int | None = None  # start of the chunk in flight
 
-    def __init__(self, progress: Progress | None, locks: Locks, total: int) -> None:
+
+def chunk_count(since_ns: int, until_ns: int, chunk_ns: int) -> int:
+    """How many chunks :func:`plan_chunks` makes of ``[since, until)`` (without making them)."""
+    if until_ns <= since_ns:
+        return 0
+    return -(-(until_ns - since_ns) // max(chunk_ns, 1))
+
+
+class ProgressHooks:
+    """Progress on a terminal (stderr); lock release as each source finishes.
+
+    The bar counts chunks (a long catch-up or reconcile advances per chunk, also through
+    hours of empty ones); the description names the source, the chunk being pulled and the
+    pages and samples so far, so a long single chunk is visibly moving too. Chunk starts
+    are reported by the worker threads (the client wrapper below), pages and finishes by
+    the writer thread; rich's Progress is thread-safe, our own state takes a lock.
+    """
+
+    def __init__(
+        self,
+        progress: Progress | None,
+        locks: Locks,
+        tasks: list[PullTask[SourceConfig]],
+        chunk_s: float,
+        label: str,
+    ) -> None:
         self.progress = progress
         self.locks = locks
-        self.task = progress.add_task("collect", total=total) if progress is not None else None
+        self.label = label
+        self._mutex = threading.Lock()
+        chunk_ns = int(chunk_s * NS_PER_SECOND)
+        self.sources: dict[str, _SourceProgress] = {}
+        for t in tasks:
+            latest = t.source.api == "latest"
+            n = 1 if latest else max(1, chunk_count(t.since_ns, t.until_ns, chunk_ns))
+            self.sources[t.source.source_id] = _SourceProgress(n, chunk_ns, t.since_ns)
+        total = sum(p.chunks for p in self.sources.values())
+        self.task = progress.add_task(label, total=max(total, 1)) if progress is not None else None
+
+    def on_request(self, source_id: str, since_ns: int, cursor: str | None) -> None:
+        """A window request (worker thread): ``cursor`` None starts a chunk."""
+        if cursor is not None:
+            return
+        with self._mutex:
+            p = self.sources.get(source_id)
+            if p is None:
+                return
+            index = (since_ns - p.since_ns) // max(p.chunk_ns, 1) + 1
+            p.started = max(p.started, min(index, p.chunks))
+            p.position_ns = since_ns
+            self._refresh(source_id)
 
     def on_page(self, outcome: SourceOutcome) -> None:
-        if self.progress is not None and self.task is not None:
-            self.progress.update(
-                self.task,
-                description=f"{outcome.source_id}: page {outcome.pages}, "
-                f"{outcome.report.samples:,} samples",
-            )
+        with self._mutex:
+            p = self.sources.get(outcome.source_id)
+            if p is not None:
+                p.pages, p.samples = outcome.pages, outcome.report.samples
+            self._refresh(outcome.source_id)
 
     def on_finished(self, outcome: SourceOutcome) -> None:
         # Only now is the source's last page committed: the next run may take it.
         self.locks.release(outcome.source_id)
-        if self.progress is not None and self.task is not None:
-            self.progress.advance(self.task)
+        with self._mutex:
+            p = self.sources.get(outcome.source_id)
+            if p is not None:
+                p.done = True
+            self._refresh(outcome.source_id)
+
+    def _refresh(self, source_id: str) -> None:
+        if self.progress is None or self.task is None:
+            return
+        completed = sum(
+            p.chunks if p.done else max(0, p.started - 1) for p in self.sources.values()
+        )
+        p = self.sources.get(source_id)
+        finished = sum(1 for q in self.sources.values() if q.done)
+        parts = [self.label]
+        if len(self.sources) > 1:
+            parts.append(f"{finished}/{len(self.sources)} sources ·")
+        if p is not None and not p.done:
+            where = ""
+            if p.position_ns is not None and p.chunks > 1 and len(self.sources) == 1:
+                stamp = format_rfc3339_ns(p.position_ns)
+                where = f" {stamp[5:10]} {stamp[11:16]}"  # the chunk being pulled (UTC)
+            parts.append(f"{source_id}{where}: page {p.pages}, {p.samples:,} samples")
+        self.progress.update(self.task, completed=completed, description=" ".join(parts))
+
+
+class _ReportingClient:
+    """An exporter client that tells the progress hooks which chunk is being pulled."""
+
+    def __init__(self, inner: ExporterClient, source_id: str, hooks: ProgressHooks) -> None:
+        self.inner = inner
+        self.source_id = source_id
+        self.hooks = hooks
+
+    def get_window(self, since_ns: int, until_ns: int, limit: int, cursor: str | None) -> bytes:
+        self.hooks.on_request(self.source_id, since_ns, cursor)
+        return self.inner.get_window(since_ns, until_ns, limit, cursor)
+
+    def get_latest(self) -> bytes:
+        return self.inner.get_latest()
+
+
+def reporting(
+    factory: ClientFactory[SourceConfig], hooks: ProgressHooks
+) -> ClientFactory[SourceConfig]:
+    @contextmanager
+    def make(source: SourceConfig) -> Iterator[ExporterClient]:
+        with factory(source) as client:
+            yield _ReportingClient(client, source.source_id, hooks)
+
+    return make
 
 
 def make_progress(app: AppContext, json_out: bool) -> Progress | None:
@@ -103,10 +211,10 @@ def make_progress(app: AppContext, json_out: bool) -> Progress | None:
         return None
     return Progress(
         TextColumn("{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),  # leaves the description ~45 columns on an 80-column screen
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=app.err,
+        console=app.err,  # the logging handler's console too: log lines print above the bar
         transient=True,
     )
 
@@ -124,14 +232,15 @@ def pull(
     concurrency: int,
     record_checkpoints: bool = True,
     dry_run: bool = False,
+    label: str = "collect",
 ) -> dict[str, SourceOutcome]:
     """Pull ``tasks`` over HTTPS with a progress bar on a terminal.
 
-    ``dry_run`` wraps every write in ``store.dry_run()`` (rolled back at the end). The
+    ``dry_run`` applies every page inside ``store.dry_run()`` (each page rolled back). The
     per-source time budget is ``settings.budget_s``.
     """
     progress = make_progress(app, json_out)
-    hooks = ProgressHooks(progress, locks, len(tasks))
+    hooks = ProgressHooks(progress, locks, tasks, settings.chunk_s, label)
     if progress is not None:
         progress.start()
     try:
@@ -140,7 +249,7 @@ def pull(
             return run_sources(
                 store,
                 tasks,
-                transport_client_factory(settings.budget_s),
+                reporting(transport_client_factory(settings.budget_s), hooks),
                 pricing=pricing,
                 run_id=run_id,
                 settings=settings,

@@ -1,9 +1,10 @@
 """Shared plumbing of the read commands (``billing usage``, ``billing ledger``).
 
 Filters are turned into a :class:`RowFilter` here (``--source`` is the only flag that reads
-the registry), the store is opened read-only in spirit (a missing SQLite file is an error,
-never silently created), and rows are written as a rich table, a JSON list or CSV. JSON and
-CSV are streamed row by row so that millions of rows never sit in memory.
+the registry), the store is opened read-only (a missing SQLite file or a database without
+the billing schema is an error; nothing is ever created), and rows are written as a rich
+table, a JSON list or CSV. JSON and CSV are streamed row by row so that millions of rows
+never sit in memory.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
@@ -21,14 +23,14 @@ from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 import click
 import orjson
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from billing_cli._errors import StoreError, UsageError
+from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext
-from billing_cli.cli._flags import period_flag, time_flag
+from billing_cli.cli._flags import period_flag, source_option, time_flag
+from billing_cli.cli._tables import print_notes, result_table
 from billing_cli.collect.locks import sqlite_path
 from billing_cli.core.periods import period_end_ns
 from billing_cli.store.base import RowFilter
@@ -43,12 +45,7 @@ T = TypeVar("T")
 
 # The filter and output flags every read command takes (``usage``, ``ledger``).
 SourcesOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--source",
-        metavar="ID",
-        help="Only this source's node_id/env (from the registry). Repeatable.",
-    ),
+    list[str] | None, source_option("Only this source's node_id/env (from the registry).")
 ]
 NodeIdOption = Annotated[str | None, typer.Option("--node-id", help="Only this node_id.")]
 EnvOption = Annotated[str | None, typer.Option("--env", help="Only this env.")]
@@ -166,17 +163,17 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 @contextmanager
-def open_existing_store(app: AppContext) -> Iterator[Store]:
-    """Open the store for reading; a missing SQLite file is a one-line error, not created."""
-    path = _sqlite_path(app.db_url)
-    if path is not None and not path.exists():
-        raise StoreError(
-            f"database {path} does not exist: nothing collected yet "
-            "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
-        )
+def open_existing_store(app: AppContext, *, write: bool = False) -> Iterator[Store]:
+    """Open the store of a command that works on existing data: read-only (no schema, no
+    migration, no lock: DESIGN §8) unless ``write``; a missing SQLite file is a one-line
+    error and is never created."""
     from billing_cli.store import open_store
 
-    store = open_store(app.db_url)
+    if write:
+        # Data to change must exist: a missing file or a database without the schema is
+        # "no billing data" (from the read-only open), never created by this command.
+        open_store(app.db_url, read_only=True).close()
+    store = open_store(app.db_url, read_only=not write)
     try:
         yield store
     finally:
@@ -206,6 +203,24 @@ def _dumps(row: Mapping[str, Cell]) -> str:
         return json.dumps(row, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class TableSpec:
+    """How rows look as a table for people (JSON and CSV always carry every column).
+
+    ``columns`` are the default view (fits 80 columns), ``wide`` the ``--wide`` one;
+    ``labels`` are short headers, ``short`` formats a cell for the default view (a short
+    id, a minute without seconds), and ``below`` gives the free text of a row (a detail,
+    an error) as ``(label, text)``, printed under the table instead of in a column.
+    """
+
+    columns: Sequence[str]
+    wide: Sequence[str] = ()
+    right_aligned: frozenset[str] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    short: Mapping[str, Callable[[Cell], str]] = field(default_factory=dict)
+    below: Callable[[Mapping[str, Cell]], tuple[str, str] | None] | None = None
+
+
 def write_rows(
     app: AppContext,
     fmt: OutputFormat,
@@ -214,7 +229,8 @@ def write_rows(
     *,
     title: str,
     empty_message: str,
-    right_aligned: frozenset[str] = frozenset(),
+    table: TableSpec | None = None,
+    wide: bool = False,
 ) -> int:
     """Write ``rows`` (dicts keyed by ``columns``) in ``fmt``; return how many were written.
 
@@ -226,7 +242,7 @@ def write_rows(
             return _write_json(rows)
         if fmt == "csv":
             return _write_csv(columns, rows)
-        return _write_table(app, columns, rows, title, empty_message, right_aligned)
+        return _write_table(app, table or TableSpec(columns), rows, title, empty_message, wide)
     except BrokenPipeError:
         _silence_stdout()
         return 0
@@ -269,34 +285,46 @@ def _write_csv(columns: Sequence[str], rows: Iterable[Mapping[str, Cell]]) -> in
 
 def _write_table(
     app: AppContext,
-    columns: Sequence[str],
+    spec: TableSpec,
     rows: Iterable[Mapping[str, Cell]],
     title: str,
     empty_message: str,
-    right_aligned: frozenset[str],
+    wide: bool,
 ) -> int:
     n = 0
-    table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
-    )
+    columns = spec.wide if wide and spec.wide else spec.columns
+    table = result_table(title)
     for c in columns:
-        table.add_column(c, justify="right" if c in right_aligned else "left", overflow="fold")
+        label = c if wide else spec.labels.get(c, c)
+        table.add_column(
+            label, justify="right" if c in spec.right_aligned else "left", overflow="fold"
+        )
     truncated = False
+    notes: list[tuple[str, str]] = []
     for row in rows:
         if n >= TABLE_ROW_LIMIT:
             truncated = True
             break
-        table.add_row(*(str(row[c]) for c in columns))
+        cells: list[Text] = []
+        for c in columns:
+            short = None if wide else spec.short.get(c)
+            cells.append(Text(short(row[c]) if short is not None else str(row[c])))
+        table.add_row(*cells)
+        if spec.below is not None and not wide:
+            line = spec.below(row)
+            if line:
+                notes.append(line)
         n += 1
     if n == 0:
         app.out.print(empty_message)
         return 0
-    if app.out.is_terminal:
-        app.out.print(table)
-    else:
+    out = app.out
+    if not out.is_terminal:
         # Piped or redirected: rich would squeeze the table into 80 columns and fold every
         # cell. Let it take its natural width instead (it never pads beyond that).
-        Console(file=sys.stdout, width=_PIPED_TABLE_WIDTH, soft_wrap=True).print(table)
+        out = Console(file=sys.stdout, width=_PIPED_TABLE_WIDTH, soft_wrap=True)
+    out.print(table)
+    print_notes(out, notes)
     if truncated:
         app.err.print(
             f"showing the first {TABLE_ROW_LIMIT} rows; use --totals, narrower filters, "

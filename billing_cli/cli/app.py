@@ -14,9 +14,9 @@ import click
 import typer
 
 from billing_cli import __version__
-from billing_cli._errors import BillingError, ExitCode
+from billing_cli._errors import BillingError, ExitCode, UsageError, one_line
 from billing_cli.cli import commands
-from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, resolve_db_url
+from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, make_console, resolve_db_url
 from billing_cli.cli._logging import setup_logging
 
 log = logging.getLogger("billing_cli")
@@ -42,8 +42,11 @@ Global options (--registry, --db, --log-format, -v, -q) may be given anywhere on
 app = commands.new_app(
     HELP,
     name="billing",
+    # Typer's --install-completion / --show-completion (bash, zsh, fish, PowerShell).
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+COMPLETE_VAR = "_BILLING_COMPLETE"  # set by the installed completion script
 
 
 def _version(value: bool) -> None:
@@ -95,14 +98,23 @@ def _global(
         ),
     ] = False,
 ) -> None:
+    if db is not None and not db.strip():
+        # An empty --db (an unset shell variable) must not silently mean ./billing.db.
+        raise UsageError(
+            "--db is empty: give a SQLite file path or a postgresql:// URL, or leave --db out "
+            "(then BILLING_DATABASE_URL, DATABASE_URL or ./billing.db is used)"
+        )
     verbosity = -1 if quiet else min(verbose, 2)
-    setup_logging(log_format, verbosity)
+    # One stderr console for the progress bars and the log lines (rich keeps the bar below).
+    err = make_console(stderr=True)
+    setup_logging(log_format, verbosity, err)
     ctx.obj = AppContext(
         registry_path=registry or Path(DEFAULT_REGISTRY),
         registry_explicit=registry is not None,
         db_url=resolve_db_url(db),
         log_format=log_format,
         verbosity=verbosity,
+        err=err,
     )
 
 
@@ -158,9 +170,20 @@ def hoist_global_options(args: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if os.environ.get(COMPLETE_VAR):
+        complete()  # the shell asks for completions: answer and exit
     args = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     code = run(args)
     sys.exit(code)
+
+
+def complete() -> None:
+    """Answer a completion request of the script ``--install-completion`` installed. (Our
+    ``run`` does not go through click's ``main()``, where typer would do this.)"""
+    commands.register(app)
+    command = typer.main.get_command(app)
+    command._main_shell_completion({}, "billing", COMPLETE_VAR)
+    sys.exit(0)  # not reached: the completion exits itself
 
 
 def run(args: Sequence[str]) -> int:
@@ -183,8 +206,11 @@ def run(args: Sequence[str]) -> int:
     except click.exceptions.Abort:
         _print_error("aborted")
         return 130
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `billing sources`: the group's help is the answer
+        return int(ExitCode.CONFIG)
     except click.ClickException as exc:
-        exc.show()
+        _print_error(click_error_line(exc))
         return int(ExitCode.CONFIG)
     except KeyboardInterrupt:
         _print_error("interrupted")
@@ -207,6 +233,18 @@ def run(args: Sequence[str]) -> int:
         )
         return 70
     return int(result) if isinstance(result, int) else 0
+
+
+def click_error_line(exc: click.ClickException) -> str:
+    """A usage error as one line, like every other error: what is wrong and where to look
+    (click's own rendering is four lines starting ``Usage:`` and ``Error:``)."""
+    text = one_line(exc.format_message())
+    if text[:1].isupper() and text[1:2].islower():
+        text = text[0].lower() + text[1:]
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        text += f" (see `{ctx.command_path} --help`)"
+    return text
 
 
 def _print_error(message: str) -> None:

@@ -34,7 +34,7 @@ from billing_cli._time import (
     now_ns,
 )
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._flags import duration_flag, time_flag
+from billing_cli.cli._flags import WideOption, duration_flag, source_option, time_flag
 from billing_cli.cli._pricing import warn_if_unpriced
 from billing_cli.cli._pull import (
     echo_failures,
@@ -47,6 +47,7 @@ from billing_cli.cli._pull import (
     store_and_locks,
 )
 from billing_cli.cli._runlog import log_outcomes
+from billing_cli.cli._tables import print_notes, result_table, status_text
 from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
 from billing_cli.collect.schedule import is_due, pull_start
 from billing_cli.health import lag_seconds
@@ -80,8 +81,7 @@ Examples:
 def collect_command(
     ctx: typer.Context,
     source: Annotated[
-        list[str] | None,
-        typer.Option("--source", "-s", help="Collect only this source (repeatable); due or not."),
+        list[str] | None, source_option("Collect only this source, due or not.")
     ] = None,
     since: Annotated[
         str | None,
@@ -102,6 +102,7 @@ def collect_command(
             help="Time budget per source for this run; a long catch-up continues next run.",
         ),
     ] = "5m",
+    wide: WideOption = False,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable result.")] = False,
 ) -> int:
     app = get_context(ctx)
@@ -195,7 +196,7 @@ def collect_command(
         finish_run(store, run_id, "collect", ordered)
         after = {cp.source_id: cp for cp in store.list_checkpoints()}
         code = exit_code_for(ordered)
-        _report(app, json_out, run_id, ordered, after, not_due, code)
+        _report(app, json_out, run_id, ordered, after, not_due, code, wide=wide)
         return int(code)
 
 
@@ -256,6 +257,8 @@ def _report(
     after: dict[str, Checkpoint],
     not_due: list[str],
     code: ExitCode,
+    *,
+    wide: bool = False,
 ) -> None:
     now = now_ns()
     if json_out:
@@ -274,7 +277,8 @@ def _report(
         echo_failures(outcomes)
         return
     if app.interactive:
-        app.out.print(collect_table(outcomes, after, now, run_id))
+        app.out.print(collect_table(outcomes, after, now, run_id, wide=wide))
+        print_notes(app.out, collect_lines(outcomes))
         return
     # Under cron: a short summary, one line per source that needs attention.
     for o in outcomes:
@@ -299,30 +303,56 @@ def summary_line(kind: str, run_id: int, outcomes: list[SourceOutcome]) -> str:
 
 
 def collect_table(
-    outcomes: list[SourceOutcome], after: dict[str, Checkpoint], now: int, run_id: int
+    outcomes: list[SourceOutcome],
+    after: dict[str, Checkpoint],
+    now: int,
+    run_id: int,
+    *,
+    wide: bool = False,
 ) -> Table:
-    table = Table(title=f"collect run {run_id}", title_justify="left")
-    for col in ("source", "status", "pages", "items", "samples", "new", "dup", "buckets"):
-        table.add_column(col, justify="left" if col in ("source", "status") else "right")
-    table.add_column("postings", justify="right")
-    table.add_column("lag", justify="right")
-    table.add_column("error", overflow="fold")
-    style: dict[str, str] = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    """Per source at 80 columns: status, samples, new, buckets, postings, lag; --wide adds
+    pages, items, duplicates, conflicts and rejections. Errors go below the table."""
+    cols = ["source", "status"]
+    if wide:
+        cols += ["pages", "items"]
+    cols += ["samples", "new"]
+    if wide:
+        cols += ["dup", "conflicts", "rejected"]
+    cols += ["buckets", "postings", "lag"]
+    table = result_table(f"collect run {run_id}")
+    for col in cols:
+        table.add_column(
+            col,
+            justify="left" if col in ("source", "status") else "right",
+            no_wrap=col != "source",
+            overflow="fold",
+        )
     fmt: Callable[[int], str] = "{:,}".format
     for o in outcomes:
         r = o.report
         lag = lag_s(after.get(o.source_id), now)
-        table.add_row(
-            o.source_id,
-            f"[{style[o.status]}]{o.status}[/]",
-            fmt(o.pages),
-            fmt(r.items),
-            fmt(r.samples),
-            fmt(r.new_observations),
-            fmt(r.duplicates),
-            fmt(r.buckets_changed),
-            fmt(r.postings),
-            format_duration(lag) if lag is not None else "-",
-            Text(o.error or o.note or ""),  # not markup: messages may contain brackets
-        )
+        values: dict[str, str | Text] = {
+            "source": Text(o.source_id),
+            "status": status_text(o.status),
+            "pages": fmt(o.pages),
+            "items": fmt(r.items),
+            "samples": fmt(r.samples),
+            "new": fmt(r.new_observations),
+            "dup": fmt(r.duplicates),
+            "conflicts": fmt(r.conflicts),
+            "rejected": fmt(r.rejected),
+            "buckets": fmt(r.buckets_changed),
+            "postings": fmt(r.postings),
+            "lag": format_duration(lag) if lag is not None else "-",
+        }
+        table.add_row(*(values[c] for c in cols))
     return table
+
+
+def collect_lines(outcomes: list[SourceOutcome]) -> list[tuple[str, str]]:
+    """Below the table: one note per source with an error or a note (full width)."""
+    return [
+        (o.source_id, f"error: {o.error}" if o.error else o.note or "")
+        for o in outcomes
+        if o.error or o.note
+    ]

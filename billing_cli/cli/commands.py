@@ -32,14 +32,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def new_app(help: str, **settings: Any) -> typer.Typer:
-    """A Typer application (the main one or a command group) with the CLI's settings: no
-    shell completion, plain help text, and one "Did you mean" on a typo (click's own;
-    typer's suggestion would repeat it)."""
+def new_app(help: str, *, add_completion: bool = False, **settings: Any) -> typer.Typer:
+    """A Typer application (the main one or a command group) with the CLI's settings:
+    plain help text, one "Did you mean" on a typo (click's own; typer's suggestion would
+    repeat it), and shell completion options on the main application only."""
     return typer.Typer(
         help=help,
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=add_completion,
         rich_markup_mode=None,
         suggest_commands=False,
         **settings,

@@ -95,6 +95,8 @@ def ingest_command(
         str | None,
         typer.Option(
             "--source",
+            "-s",
+            metavar="ID",
             help="Registry source the input comes from: every item's node_id/env must match.",
             show_default=False,
         ),
@@ -384,7 +386,11 @@ def _print_summary(
             "source_id": source,
             **counts,
             "batches": stats.batches,
-            "charged_amount": amount,
+            "charged_amount": amount,  # net: charges + adjustments (reconcile's "amount")
+            "charge_amount": format_amount(
+                report.charged_amount_nano - report.adjustment_amount_nano
+            ),
+            "adjustment_amount": format_amount(report.adjustment_amount_nano),
             "currency": pricing.currency,
         }
         typer.echo(orjson.dumps(payload).decode())

@@ -14,13 +14,19 @@ from typing import Annotated
 import click
 import orjson
 import typer
-from rich.markup import escape
 
 from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns, now_ns
 from billing_cli.cli._context import get_context
-from billing_cli.cli._flags import time_flag
-from billing_cli.cli._rows import Cell, closing_rows, open_existing_store, write_rows
+from billing_cli.cli._flags import WideOption, id_flag, source_option, time_flag
+from billing_cli.cli._rows import (
+    Cell,
+    TableSpec,
+    closing_rows,
+    open_existing_store,
+    write_rows,
+)
+from billing_cli.cli._tables import short_id
 from billing_cli.cli.commands import new_app
 from billing_cli.store.base import INTEGRITY_KINDS, IntegrityEvent, IntegrityKind
 
@@ -56,8 +62,32 @@ COLUMNS = (
     "created_at",
     "acknowledged_at",
 )
-# The table leaves out what is rarely needed at a glance (all of it is in --json).
-TABLE_COLUMNS = ("id", "kind", "source_id", "node_id", "env", "uuid", "collected_at", "detail")
+# At 80 columns: which event, of what and when; the detail goes below the table, one line
+# per event. --wide: every column, the detail in the table. All of it is in --json.
+TABLE = TableSpec(
+    columns=("id", "kind", "source_id", "uuid", "collected_at"),
+    wide=(
+        "id",
+        "kind",
+        "source_id",
+        "node_id",
+        "env",
+        "uuid",
+        "inbound_tag",
+        "collected_at",
+        "run_id",
+        "created_at",
+        "acknowledged_at",
+        "detail",
+    ),
+    right_aligned=frozenset({"id", "run_id"}),
+    labels={"source_id": "source", "collected_at": "collected at (UTC)"},
+    short={
+        "uuid": lambda v: short_id(str(v)),
+        "collected_at": lambda v: str(v)[:19].replace("T", " "),
+    },
+    below=lambda row: (str(row["id"]), str(row["detail"])),
+)
 
 
 def _time(ns: int | None) -> str | None:
@@ -82,14 +112,9 @@ def event_json(e: IntegrityEvent) -> dict[str, Cell | None]:
 
 
 def _table_rows(events: Iterable[IntegrityEvent]) -> Iterator[dict[str, Cell]]:
+    # Cells are plain text (never rich markup): details quote exporter data such as "[/]".
     for e in events:
-        row = event_json(e)
-        # The table renders cells as rich markup; details quote exporter data ("[/]" in a
-        # uuid or an error) that must print literally, not restyle or break the table.
-        yield {
-            c: "" if (v := row[c]) is None else escape(v) if isinstance(v, str) else v
-            for c in TABLE_COLUMNS
-        }
+        yield {c: "" if v is None else v for c, v in event_json(e).items()}
 
 
 def _print_json(payload: object) -> None:
@@ -101,7 +126,8 @@ LIST_HELP = """\
 List integrity events, oldest first: open ones by default, --all for acknowledged too.
 
 --since filters on when the event was recorded (RFC3339 with a zone, or a duration ago
-such as 2h or 7d). --json gives a list of objects (id, kind, node_id, env, uuid,
+such as 2h or 7d). The table fits 80 columns with each event's detail below it; --wide
+puts every column in the table. --json gives a list of objects (id, kind, node_id, env, uuid,
 inbound_tag, collected_at, source_id, run_id, detail, created_at, acknowledged_at);
 times are RFC3339 UTC, missing values null.
 
@@ -138,26 +164,20 @@ def _kind(value: str | None) -> IntegrityKind | None:
 
 
 def _ids(values: list[str] | None) -> list[int]:
-    out: list[int] = []
-    for v in values or ():
-        if not v.isdigit():
-            raise UsageError(f"integrity ack: event id {v!r} is not a number (see `list`)")
-        out.append(int(v))
-    return out
+    return [id_flag("integrity ack: event id", v) for v in values or ()]
 
 
 @app.command("list", help=LIST_HELP)
 def list_events(
     ctx: typer.Context,
-    source: Annotated[
-        str | None, typer.Option("--source", metavar="ID", help="Only this source's events.")
-    ] = None,
+    source: Annotated[list[str] | None, source_option("Only this source's events.")] = None,
     kind: KindOption = None,
     show_all: Annotated[bool, typer.Option("--all", help="Include acknowledged events.")] = False,
     since: Annotated[
         str | None,
         typer.Option("--since", help="Events recorded at or after this time (RFC3339 or 2h)."),
     ] = None,
+    wide: WideOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     app_ctx = get_context(ctx)
@@ -167,7 +187,7 @@ def list_events(
         open_existing_store(app_ctx) as store,
         closing_rows(
             store.iter_integrity_events(
-                source_id=source, kind=wanted, open_only=not show_all, since_ns=since_ns
+                source_id=source or None, kind=wanted, open_only=not show_all, since_ns=since_ns
             )
         ) as events,
     ):
@@ -177,7 +197,7 @@ def list_events(
         write_rows(
             app_ctx,
             "table",
-            TABLE_COLUMNS,
+            COLUMNS,
             _table_rows(events),
             title="Integrity events" if show_all else "Open integrity events",
             empty_message=(
@@ -185,7 +205,8 @@ def list_events(
                 if show_all
                 else "No open integrity events match these filters."
             ),
-            right_aligned=frozenset({"id"}),
+            table=TABLE,
+            wide=wide,
         )
 
 
@@ -194,8 +215,9 @@ Acknowledge open integrity events: by id, every open event of one --source, or
 --all-open. Already acknowledged events keep their first acknowledgement time. Prints
 how many events were acknowledged (--json: {"acknowledged": N}).
 
-Exit status: 0, 2 when neither ids, --source nor --all-open is given, 4 when the
-database is missing or cannot be read.
+Exit status: 0, 2 when neither ids, --source nor --all-open is given or an id matches no
+event ("no such event"; then nothing is acknowledged), 4 when the database is missing or
+cannot be read.
 
 Examples:
 
@@ -213,12 +235,8 @@ def ack_events(
         list[str] | None, typer.Argument(metavar="[ID]...", help="Event ids (from list).")
     ] = None,
     source: Annotated[
-        str | None,
-        typer.Option(
-            "--source",
-            metavar="ID",
-            help="Open events of this source (with ids: of those, only this source's).",
-        ),
+        list[str] | None,
+        source_option("Open events of this source (with ids: of those, only this source's)."),
     ] = None,
     all_open: Annotated[
         bool, typer.Option("--all-open", help="Every open event of every source.")
@@ -227,12 +245,25 @@ def ack_events(
 ) -> None:
     app_ctx = get_context(ctx)
     event_ids = _ids(ids)
-    if not event_ids and source is None and not all_open:
+    if not event_ids and not source and not all_open:
         raise UsageError("integrity ack: give event IDs, --source ID or --all-open")
-    if all_open and (event_ids or source is not None):
+    if all_open and (event_ids or source):
         raise UsageError("integrity ack: --all-open acknowledges everything; drop IDs/--source")
-    with open_existing_store(app_ctx) as store:
-        n = store.acknowledge_integrity_events(event_ids or None, source_id=source, at_ns=now_ns())
+    with open_existing_store(app_ctx, write=True) as store:
+        if event_ids:
+            # Events are never deleted: an id no event has is a typo, not "already done".
+            unknown = store.unknown_integrity_event_ids(event_ids)
+            if unknown:
+                shown = ", ".join(str(i) for i in unknown[:10]) + (
+                    " ..." if len(unknown) > 10 else ""
+                )
+                raise UsageError(
+                    f"integrity ack: no such event: {shown}; nothing acknowledged "
+                    "(see `billing integrity list --all`)"
+                )
+        n = store.acknowledge_integrity_events(
+            event_ids or None, source_id=source or None, at_ns=now_ns()
+        )
     if as_json:
         _print_json({"acknowledged": n})
         return

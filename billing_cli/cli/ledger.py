@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from billing_cli.cli._context import get_context
+from billing_cli.cli._flags import WideOption
 from billing_cli.cli._rows import (
     Cell,
     EnvOption,
@@ -16,6 +17,7 @@ from billing_cli.cli._rows import (
     NodeIdOption,
     SinceOption,
     SourcesOption,
+    TableSpec,
     UntilOption,
     UuidOption,
     build_filter,
@@ -25,6 +27,7 @@ from billing_cli.cli._rows import (
     output_format,
     write_rows,
 )
+from billing_cli.cli._tables import short_id
 from billing_cli.core.money import format_amount
 from billing_cli.core.periods import format_period
 from billing_cli.store.base import LedgerRow
@@ -100,6 +103,31 @@ _NUMERIC = frozenset(
         "included_bytes",
     }
 )
+_LABELS = {
+    "bucket_start": "bucket (UTC)",
+    "entry_type": "type",
+    "rated_bytes": "bytes",
+    "currency": "cur",
+}
+# At 80 columns: bucket, account (short uuid), node, charge or adjustment, bytes, amount;
+# --wide: every column, full uuids and RFC3339 times.
+TABLE = TableSpec(
+    columns=("bucket_start", "uuid", "node_id", "entry_type", "rated_bytes", "amount", "currency"),
+    wide=COLUMNS,
+    right_aligned=_NUMERIC,
+    labels=_LABELS,
+    short={
+        "uuid": lambda v: short_id(str(v)),
+        "bucket_start": lambda v: str(v)[:16].replace("T", " "),
+        "entry_type": lambda v: "adjust" if v == "adjustment" else str(v),
+    },
+)
+TOTALS_TABLE = TableSpec(
+    columns=TOTAL_COLUMNS,
+    wide=TOTAL_COLUMNS,
+    right_aligned=frozenset({"rated_bytes", "amount"}),
+    labels={"rated_bytes": "rated bytes"},
+)
 
 
 def posting_rows(rows: Iterable[LedgerRow]) -> Iterator[dict[str, Cell]]:
@@ -171,6 +199,7 @@ def ledger_command(
         bool,
         typer.Option("--totals", help="One row per uuid (and currency): rated bytes, amount."),
     ] = False,
+    wide: WideOption = False,
     fmt: FormatOption = "table",
     as_json: JsonOption = False,
 ) -> None:
@@ -198,7 +227,8 @@ def ledger_command(
                 total_rows(rows),
                 title="Ledger totals per uuid",
                 empty_message="No ledger postings match these filters.",
-                right_aligned=frozenset({"rated_bytes", "amount"}),
+                table=TOTALS_TABLE,
+                wide=wide,
             )
             return
         write_rows(
@@ -208,5 +238,6 @@ def ledger_command(
             posting_rows(rows),
             title="Ledger postings",
             empty_message="No ledger postings match these filters.",
-            right_aligned=_NUMERIC,
+            table=TABLE,
+            wide=wide,
         )

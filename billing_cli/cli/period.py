@@ -14,12 +14,11 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.markup import escape
 
 from billing_cli._errors import UsageError
 from billing_cli._time import format_rfc3339_ns, now_ns
 from billing_cli.cli._context import get_context
-from billing_cli.cli._flags import period_flag
+from billing_cli.cli._flags import WideOption, period_flag
 from billing_cli.cli._period import (
     TOTALS_COLUMNS,
     close_fields,
@@ -30,6 +29,7 @@ from billing_cli.cli._rows import (
     Cell,
     FormatOption,
     JsonOption,
+    TableSpec,
     open_existing_store,
     output_format,
     write_rows,
@@ -68,6 +68,21 @@ COLUMNS = (
     "amount",
 )
 _NUMERIC = frozenset({"close_run_id", "postings", "total_bytes", "rated_bytes", "amount"})
+# At 80 columns: the period, open/closed (and when, to the minute), bytes, amount; --wide:
+# every column (the close run, who closed it, postings, rated bytes).
+_TABLE = TableSpec(
+    columns=("period", "state", "closed_at", "currency", "total_bytes", "amount"),
+    wide=COLUMNS,
+    right_aligned=_NUMERIC,
+    labels={"closed_at": "closed (UTC)", "total_bytes": "bytes", "currency": "cur"},
+    short={"closed_at": lambda v: str(v)[:16].replace("T", " ")},
+)
+_TOTALS_TABLE = TableSpec(
+    columns=("currency", "accounts", "total_bytes", "included_bytes_used", "amount"),
+    wide=TOTALS_COLUMNS,
+    right_aligned=frozenset(TOTALS_COLUMNS) - {"currency"},
+    labels={"total_bytes": "bytes", "included_bytes_used": "included used", "currency": "cur"},
+)
 
 LIST_HELP = """\
 List every accounting period that has postings or was closed, oldest first: open or
@@ -107,22 +122,18 @@ def _rows(totals: Iterable[PeriodTotals]) -> Iterator[dict[str, Any]]:
         }
 
 
-def _cells(rows: Iterable[dict[str, Any]], *, markup: bool) -> Iterator[dict[str, Cell]]:
-    """Rows for CSV (null as empty) or a table (also escaped: cells are rich markup)."""
+def _cells(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Cell]]:
+    """Rows for CSV or a table: null as empty."""
     for row in rows:
-        out: dict[str, Cell] = {}
-        for k, v in row.items():
-            out[k] = "" if v is None else escape(v) if markup and isinstance(v, str) else v
-        yield out
-
-
-def _escape_cells(row: dict[str, Any]) -> dict[str, Cell]:
-    return {k: escape(v) if isinstance(v, str) else v for k, v in row.items()}
+        yield {k: "" if v is None else v for k, v in row.items()}
 
 
 @app.command("list", help=LIST_HELP)
 def list_command(
-    ctx: typer.Context, fmt: FormatOption = "table", as_json: JsonOption = False
+    ctx: typer.Context,
+    wide: WideOption = False,
+    fmt: FormatOption = "table",
+    as_json: JsonOption = False,
 ) -> None:
     app_ctx = get_context(ctx)
     out_fmt = output_format(fmt, as_json)
@@ -136,10 +147,11 @@ def list_command(
         app_ctx,
         out_fmt,
         COLUMNS,
-        _cells(rows, markup=out_fmt == "table"),
+        _cells(rows),
         title="Accounting periods",
         empty_message="No periods yet: nothing has been posted.",
-        right_aligned=_NUMERIC,
+        table=_TABLE,
+        wide=wide,
     )
 
 
@@ -188,6 +200,7 @@ def close_command(
         typer.Option("--by", help="Who closes it (recorded in runs). [default: user@host]"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    wide: WideOption = False,
 ) -> None:
     app_ctx = get_context(ctx)
     period_ns = period_flag("PERIOD", period)
@@ -227,10 +240,11 @@ def close_command(
             app_ctx,
             "table",
             TOTALS_COLUMNS,
-            (_escape_cells(totals_json(t)) for t in st.totals),
+            (totals_json(t) for t in st.totals),
             title=f"Final statement totals {name}",
             empty_message=f"No postings are accounted in {name}.",
-            right_aligned=frozenset(TOTALS_COLUMNS) - {"currency"},
+            table=_TOTALS_TABLE,
+            wide=wide,
         )
     if behind and not app_ctx.quiet:
         nxt = format_period(next_period(period_ns))

@@ -7,6 +7,7 @@ reading through the same loader every other command uses. Output shows reference
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Annotated, Any
 
@@ -19,6 +20,8 @@ from rich.text import Text
 
 from billing_cli._errors import ConfigError, UsageError
 from billing_cli.cli._context import AppContext, get_context
+from billing_cli.cli._flags import WideOption
+from billing_cli.cli._tables import result_table
 from billing_cli.cli.commands import new_app
 from billing_cli.registry import edit
 from billing_cli.registry.model import Registry, SourceConfig
@@ -115,6 +118,41 @@ def _say(app_ctx: AppContext, message: str) -> None:
         app_ctx.out.print(message, markup=False, highlight=False, emoji=False)
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable result.")]
+
+
+def _done(
+    app_ctx: AppContext,
+    as_json: bool,
+    message: str,
+    *,
+    action: str,
+    source_id: str,
+    changed: bool,
+    registry: Registry | None,
+    source: dict[str, Any] | None = None,
+    fields: list[str] | None = None,
+) -> None:
+    """The result of an edit: one line for people, one object for scripts (``--json``):
+    ``action, changed, registry, source_id, source`` (the entry as it is now; as it was for
+    ``removed``) and, for ``set``, ``fields`` (what changed)."""
+    if not as_json:
+        _say(app_ctx, message)
+        return
+    if source is None and registry is not None and source_id in registry.ids:
+        source = source_json(registry, registry.get(source_id))
+    doc: dict[str, Any] = {
+        "action": action,
+        "changed": changed,
+        "registry": str(app_ctx.registry_path),
+        "source_id": source_id,
+        "source": source,
+    }
+    if fields is not None:
+        doc["fields"] = fields
+    _print_json(doc)
+
+
 # --- list / show -------------------------------------------------------------------------
 
 
@@ -137,6 +175,7 @@ Examples:
 @app.command("list", help=LIST_HELP)
 def list_sources(
     ctx: typer.Context,
+    wide: WideOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     app_ctx = get_context(ctx)
@@ -158,34 +197,45 @@ def list_sources(
         if registry.legacy
         else str(registry.path)
     )
-    table = Table(title=title, title_justify="left")
-    for col in ("id", "node", "env", "url", "auth", "api", "enabled", "interval"):
-        # Only the URL may wrap: ids and the short columns stay greppable on one line.
-        table.add_column(
-            col, overflow="fold", no_wrap=col != "url", min_width=20 if col == "url" else None
-        )
-    for s in registry.sources:
-        # Text(), not str: registry values are data, never rich markup or emoji codes.
-        table.add_row(
-            *(
-                Text(v)
-                for v in (
-                    s.source_id,
-                    s.node_id,
-                    s.env,
-                    s.base_url,
-                    s.auth_mode,
-                    s.api,
-                    "yes" if s.enabled else "no",
-                    s.effective_collect_interval,
-                )
-            )
-        )
-    # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
     out = app_ctx.out
     if not out.is_terminal:
+        # Piped output (grep, less, a cron mail) has no width to respect: keep rows whole.
         out = Console(file=out.file, width=max(out.width, 200), color_system=None)
-    out.print(table)
+    # The title on a line of its own: a table title wraps to the table's width.
+    out.print(title)
+    out.print(sources_table(registry, wide=wide))
+
+
+def sources_table(registry: Registry, *, wide: bool = False) -> Table:
+    """At 80 columns: id, node/env, auth, on, url (the url wraps in its cell, nothing else
+    does); --wide: every column, each in its own."""
+    table = result_table()
+    if wide:
+        cols = ["id", "node", "env", "url", "auth", "api", "enabled", "interval", "timeout"]
+        cols += ["server_name", "ca_bundle_ref"]
+    else:
+        cols = ["id", "node/env", "auth", "on", "url"]
+    for col in cols:
+        table.add_column(col, overflow="fold", no_wrap=col != "url", min_width=None)
+    for s in registry.sources:
+        values = {
+            "id": s.source_id,
+            "node": s.node_id,
+            "env": s.env,
+            "node/env": f"{s.node_id}/{s.env}",
+            "url": s.base_url,
+            "auth": s.auth_mode,
+            "api": s.api,
+            "enabled": "yes" if s.enabled else "no",
+            "on": "yes" if s.enabled else "no",
+            "interval": s.effective_collect_interval,
+            "timeout": s.effective_request_timeout,
+            "server_name": s.server_name or "-",
+            "ca_bundle_ref": s.effective_ca_bundle_ref or "-",
+        }
+        # Text(), not str: registry values are data, never rich markup or emoji codes.
+        table.add_row(*(Text(values[c]) for c in cols))
+    return table
 
 
 SHOW_HELP = """\
@@ -339,6 +389,7 @@ def add_source(
             help="Permit http:// to a loopback host (development only).",
         ),
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     app_ctx = get_context(ctx)
     if auth_mode is None:
@@ -363,9 +414,17 @@ def add_source(
         "allow_insecure_http": True if allow_insecure_http else None,
     }
     created = not app_ctx.registry_path.exists()
-    edit.add_source(app_ctx.registry_path, fields)
+    registry = edit.add_source(app_ctx.registry_path, fields)
     state = "disabled" if disabled else "enabled"
-    _say(app_ctx, f"added source '{source_id}' ({state}) to {app_ctx.registry_path}")
+    _done(
+        app_ctx,
+        as_json,
+        f"added source '{source_id}' ({state}) to {app_ctx.registry_path}",
+        action="added",
+        source_id=source_id,
+        changed=True,
+        registry=registry,
+    )
     if created and os.environ.get("EXPORTER_BASE_URL") and not app_ctx.quiet:
         app_ctx.err.print(
             f"note: {app_ctx.registry_path} now exists, so EXPORTER_BASE_URL (legacy mode) "
@@ -417,11 +476,27 @@ Examples:
 def remove_source(
     ctx: typer.Context,
     source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    as_json: JsonOption = False,
 ) -> None:
     app_ctx = get_context(ctx)
     _refuse_legacy(app_ctx, "remove")
-    edit.remove_source(app_ctx.registry_path, source_id)
-    _say(app_ctx, f"removed source '{source_id}' from {app_ctx.registry_path}")
+    removed: dict[str, Any] | None = None
+    if as_json:
+        # The entry as it was, for the record (the edit below reports any problem itself).
+        with contextlib.suppress(ConfigError):
+            before = app_ctx.load_registry()
+            removed = source_json(before, before.get(source_id))
+    registry = edit.remove_source(app_ctx.registry_path, source_id)
+    _done(
+        app_ctx,
+        as_json,
+        f"removed source '{source_id}' from {app_ctx.registry_path}",
+        action="removed",
+        source_id=source_id,
+        changed=True,
+        registry=registry,
+        source=removed,
+    )
 
 
 ENABLE_HELP = """\
@@ -450,27 +525,36 @@ Examples:
 def enable_source(
     ctx: typer.Context,
     source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    as_json: JsonOption = False,
 ) -> None:
-    _set_enabled(ctx, source_id, True)
+    _set_enabled(ctx, source_id, True, as_json)
 
 
 @app.command("disable", help=DISABLE_HELP)
 def disable_source(
     ctx: typer.Context,
     source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    as_json: JsonOption = False,
 ) -> None:
-    _set_enabled(ctx, source_id, False)
+    _set_enabled(ctx, source_id, False, as_json)
 
 
-def _set_enabled(ctx: typer.Context, source_id: str, enabled: bool) -> None:
+def _set_enabled(ctx: typer.Context, source_id: str, enabled: bool, as_json: bool) -> None:
     app_ctx = get_context(ctx)
     _refuse_legacy(app_ctx, "enable" if enabled else "disable")
-    _, changed = edit.set_enabled(app_ctx.registry_path, source_id, enabled)
+    registry, changed = edit.set_enabled(app_ctx.registry_path, source_id, enabled)
     word = "enabled" if enabled else "disabled"
-    if changed:
-        _say(app_ctx, f"{word} source '{source_id}' in {app_ctx.registry_path}")
-    else:
-        _say(app_ctx, f"source '{source_id}' is already {word}; nothing changed")
+    _done(
+        app_ctx,
+        as_json,
+        f"{word} source '{source_id}' in {app_ctx.registry_path}"
+        if changed
+        else f"source '{source_id}' is already {word}; nothing changed",
+        action=word,
+        source_id=source_id,
+        changed=changed,
+        registry=registry,
+    )
 
 
 def _refuse_legacy(app_ctx: AppContext, verb: str) -> None:
@@ -483,3 +567,131 @@ def _refuse_legacy(app_ctx: AppContext, verb: str) -> None:
             "source comes from EXPORTER_BASE_URL; create the registry with "
             "`billing sources add ...` to manage sources"
         )
+
+
+# --- set -----------------------------------------------------------------------------------
+
+SET_HELP = """\
+Change fields of one source in place: give the fields to set as flags (the names of
+`sources add`), and --unset FIELD to remove an optional one (it then falls back to
+[defaults]).
+
+Each changed key keeps its place and its inline comment; a new key goes after the
+entry's last one; every other byte of the file stays as it was. The result is validated
+like every other edit before anything is written (a change that leaves the source
+inconsistent, e.g. a credential_ref on an mtls source, is refused: give --auth-mode in the
+same command), and the file is replaced atomically. Setting a field to the value it
+already has changes nothing. enabled has its own commands (sources enable|disable).
+
+Examples:
+
+  billing sources set jp-1 --request-timeout 20s
+
+\b
+  billing sources set de-1 --auth-mode mtls+bearer \\
+      --client-cert-ref file:/etc/billing/client.pem --client-key-ref systemd:client-key
+
+  billing sources set de-1 --unset server_name --json
+"""
+
+
+@app.command("set", help=SET_HELP)
+def set_source(
+    ctx: typer.Context,
+    source_id: Annotated[str, typer.Argument(metavar="SOURCE_ID", show_default=False)],
+    node_id: Annotated[
+        str | None, typer.Option("--node-id", help="node_id the exporter reports.")
+    ] = None,
+    env: Annotated[str | None, typer.Option("--env", help="env the exporter reports.")] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="https:// URL of the exporter.")
+    ] = None,
+    auth_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-mode",
+            click_type=click.Choice(["mtls", "bearer", "mtls+bearer", "none"]),
+            help="Authentication mode.",
+        ),
+    ] = None,
+    credential_ref: Annotated[
+        str | None, typer.Option("--credential-ref", help="Bearer token reference.")
+    ] = None,
+    client_cert_ref: Annotated[
+        str | None, typer.Option("--client-cert-ref", help="mTLS client certificate ref.")
+    ] = None,
+    client_key_ref: Annotated[
+        str | None, typer.Option("--client-key-ref", help="mTLS client key ref.")
+    ] = None,
+    ca_bundle_ref: Annotated[
+        str | None, typer.Option("--ca-bundle-ref", help='CA bundle ref, or "system".')
+    ] = None,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="TLS server name.")
+    ] = None,
+    collect_interval: Annotated[
+        str | None, typer.Option("--collect-interval", help="e.g. 1m.")
+    ] = None,
+    request_timeout: Annotated[
+        str | None, typer.Option("--request-timeout", help="e.g. 10s.")
+    ] = None,
+    api: Annotated[
+        str | None,
+        typer.Option("--api", click_type=click.Choice(["window", "latest"]), help="Exporter API."),
+    ] = None,
+    max_response_bytes: Annotated[
+        int | None,
+        typer.Option("--max-response-bytes", min=1, help="Cap on one response body."),
+    ] = None,
+    allow_insecure_http: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-insecure-http/--no-allow-insecure-http",
+            help="Permit http:// to a loopback host (development only), or not.",
+            show_default=False,
+        ),
+    ] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option("--unset", metavar="FIELD", help="Remove this optional field. Repeatable."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    app_ctx = get_context(ctx)
+    _refuse_legacy(app_ctx, "set fields of")
+    given = {
+        "node_id": node_id,
+        "env": env,
+        "base_url": base_url,
+        "auth_mode": auth_mode,
+        "credential_ref": credential_ref,
+        "client_cert_ref": client_cert_ref,
+        "client_key_ref": client_key_ref,
+        "ca_bundle_ref": ca_bundle_ref,
+        "server_name": server_name,
+        "collect_interval": collect_interval,
+        "request_timeout": request_timeout,
+        "api": api,
+        "max_response_bytes": max_response_bytes,
+        "allow_insecure_http": allow_insecure_http,
+    }
+    values = {k: v for k, v in given.items() if v is not None}
+    removed = [u.strip().replace("-", "_") for u in unset or ()]
+    if not values and not removed:
+        raise UsageError(
+            f"sources set {source_id}: nothing to change; give a field flag such as "
+            "--request-timeout 20s, or --unset FIELD (see `billing sources set --help`)"
+        )
+    registry, changed = edit.set_fields(app_ctx.registry_path, source_id, values, removed)
+    _done(
+        app_ctx,
+        as_json,
+        f"set {', '.join(changed)} of source '{source_id}' in {app_ctx.registry_path}"
+        if changed
+        else f"source '{source_id}' already has these values; nothing changed",
+        action="set",
+        source_id=source_id,
+        changed=bool(changed),
+        registry=registry,
+        fields=changed,
+    )

@@ -13,11 +13,10 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from rich.markup import escape
 
 from billing_cli._errors import UsageError
 from billing_cli.cli._context import get_context
-from billing_cli.cli._flags import period_flag
+from billing_cli.cli._flags import WideOption, period_flag
 from billing_cli.cli._period import (
     STATEMENT_COLUMNS,
     close_fields,
@@ -32,11 +31,13 @@ from billing_cli.cli._rows import (
     JsonOption,
     NodeIdOption,
     SourcesOption,
+    TableSpec,
     build_filter,
     open_existing_store,
     output_format,
     write_rows,
 )
+from billing_cli.cli._tables import short_id
 from billing_cli.core.periods import format_period
 
 HELP = """\
@@ -84,6 +85,15 @@ _TABLE_COLUMNS = (
 _NUMERIC = frozenset(
     {"total_bytes", "included_bytes_used", "rated_bytes", "charges", "adjustments", "amount"}
 )
+# At 80 columns: the line, the account (short uuid, email), what it corrects, bytes,
+# amount; --wide: every column (quota used, rated bytes, charges and adjustments apart).
+_TABLE = TableSpec(
+    columns=("line", "uuid", "email", "corrects_period", "total_bytes", "amount", "currency"),
+    wide=_TABLE_COLUMNS,
+    right_aligned=_NUMERIC,
+    labels={"corrects_period": "corrects", "total_bytes": "bytes", "currency": "cur"},
+    short={"uuid": lambda v: short_id(str(v))},
+)
 
 
 def _csv_rows(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Cell]]:
@@ -92,9 +102,8 @@ def _csv_rows(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Cell]]:
 
 
 def _table_rows(lines: Iterable[dict[str, Any]]) -> Iterator[dict[str, Cell]]:
-    # Cells are rich markup: account data ("[" in an email) must print literally.
     for line in lines:
-        yield {c: escape(v) if isinstance(v, str) else v for c, v in line.items()}
+        yield {c: "" if v is None else v for c, v in line.items()}
 
 
 def statement_command(
@@ -110,6 +119,7 @@ def statement_command(
     source: SourcesOption = None,
     node_id: NodeIdOption = None,
     env: EnvOption = None,
+    wide: WideOption = False,
     fmt: FormatOption = "table",
     as_json: JsonOption = False,
 ) -> None:
@@ -141,5 +151,6 @@ def statement_command(
         _table_rows(lines),
         title=f"Statement {format_period(period_ns)} ({close_text(close)})",
         empty_message=f"No postings are accounted in {format_period(period_ns)}.",
-        right_aligned=_NUMERIC,
+        table=_TABLE,
+        wide=wide,
     )

@@ -25,7 +25,7 @@ from rich.text import Text
 from billing_cli._errors import ExitCode, StoreError, UsageError, one_line
 from billing_cli._time import format_duration, format_rfc3339_ns, now_ns
 from billing_cli.cli._context import AppContext, get_context
-from billing_cli.cli._flags import duration_flag
+from billing_cli.cli._flags import SourcesOption, WideOption, duration_flag
 from billing_cli.cli._pricing import pricing_state
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Delivery, Freshness, Health, Verdict, all_healthy, classify
@@ -191,7 +191,7 @@ def collect_status(
 
     from billing_cli.store import open_store
 
-    store = open_store(app_ctx.db_url)
+    store = open_store(app_ctx.db_url, read_only=True)
     try:
         checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
         last_runs = store.last_source_results()
@@ -346,12 +346,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def status_command(
     ctx: typer.Context,
-    source: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--source", "-s", help="Only this source_id (repeatable).", show_default=False
-        ),
-    ] = None,
+    source: SourcesOption = None,
     max_lag: Annotated[
         str | None,
         typer.Option(
@@ -370,7 +365,7 @@ def status_command(
         ),
     ] = "table",
     as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
-    wide: Annotated[bool, typer.Option("--wide", help="All columns (wider than 80).")] = False,
+    wide: WideOption = False,
     output: Annotated[
         Path | None,
         typer.Option(

@@ -10,6 +10,7 @@ import typer
 
 from billing_cli._time import NS_PER_MINUTE
 from billing_cli.cli._context import get_context
+from billing_cli.cli._flags import WideOption
 from billing_cli.cli._rows import (
     Cell,
     EnvOption,
@@ -19,6 +20,7 @@ from billing_cli.cli._rows import (
     PeriodOption,
     SinceOption,
     SourcesOption,
+    TableSpec,
     UntilOption,
     UuidOption,
     build_filter,
@@ -28,6 +30,7 @@ from billing_cli.cli._rows import (
     output_format,
     write_rows,
 )
+from billing_cli.cli._tables import short_id
 from billing_cli.core.types import SeriesKey
 from billing_cli.store.base import UsageRow
 
@@ -72,6 +75,31 @@ COLUMNS = (
 )
 TOTAL_COLUMNS = ("uuid", "uplink_bytes", "downlink_bytes", "total_bytes")
 _NUMERIC = frozenset({"uplink_bytes", "downlink_bytes", "total_bytes"})
+_LABELS = {
+    "bucket_start": "bucket (UTC)",
+    "inbound_tag": "tag",
+    "uplink_bytes": "uplink",
+    "downlink_bytes": "downlink",
+    "total_bytes": "bytes",
+}
+# At 80 columns: the bucket to the minute, the series with a short uuid, and the bytes;
+# --wide: every column as stored, full uuids and RFC3339 times.
+TABLE = TableSpec(
+    columns=("bucket_start", "node_id", "env", "uuid", "inbound_tag", "total_bytes"),
+    wide=COLUMNS,
+    right_aligned=_NUMERIC,
+    labels=_LABELS,
+    short={
+        "uuid": lambda v: short_id(str(v)),
+        "bucket_start": lambda v: str(v)[:16].replace("T", " "),
+    },
+)
+TOTALS_TABLE = TableSpec(
+    columns=TOTAL_COLUMNS,
+    wide=TOTAL_COLUMNS,
+    right_aligned=_NUMERIC,
+    labels={**_LABELS, "total_bytes": "total"},
+)
 BY_NS = {"minute": NS_PER_MINUTE, "hour": 60 * NS_PER_MINUTE, "day": 1440 * NS_PER_MINUTE}
 
 
@@ -148,6 +176,7 @@ def usage_command(
     totals: Annotated[
         bool, typer.Option("--totals", help="One row per uuid with summed bytes.")
     ] = False,
+    wide: WideOption = False,
     fmt: FormatOption = "table",
     as_json: JsonOption = False,
 ) -> None:
@@ -170,9 +199,10 @@ def usage_command(
                 out_fmt,
                 TOTAL_COLUMNS,
                 total_rows(rows),
-                title="Usage totals per uuid",
+                title="Usage totals per uuid (bytes)",
                 empty_message="No usage matches these filters.",
-                right_aligned=_NUMERIC,
+                table=TOTALS_TABLE,
+                wide=wide,
             )
             return
         out_rows = minute_rows(rows) if by == "minute" else rollup_rows(rows, BY_NS[by])
@@ -183,5 +213,6 @@ def usage_command(
             out_rows,
             title=f"Usage per {by}",
             empty_message="No usage matches these filters.",
-            right_aligned=_NUMERIC,
+            table=TABLE,
+            wide=wide,
         )

@@ -12,8 +12,7 @@ Two halves, so that the database has exactly one writer per process:
   few pages, whatever the window) and applies each one through ``store.apply`` — one
   transaction per page, the checkpoint in the same transaction, so the checkpoint never
   runs ahead of the data. SQLite allows one writer anyway; funnelling every write through
-  one connection also lets ``reconcile --dry-run`` wrap all of them in one rolled-back
-  transaction.
+  one connection also lets ``reconcile --dry-run`` roll every page back (``store.dry_run``).
 
 A failing or slow source only fails itself: its worker reports an error, the writer
 records it (``record_failure``, redacted one line) and keeps serving the other workers.

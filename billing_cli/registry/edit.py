@@ -138,6 +138,56 @@ def set_enabled(path: Path, source_id: str, enabled: bool) -> tuple[Registry, bo
     return registry, changed
 
 
+# Fields `sources set` may change; source_id names the entry (remove + add to rename) and
+# enabled has its own verbs (`sources enable|disable`).
+SETTABLE = tuple(f for f in FIELD_ORDER if f not in ("source_id", "enabled"))
+REQUIRED = ("node_id", "env", "base_url", "auth_mode")
+
+
+def set_fields(
+    path: Path, source_id: str, values: dict[str, Any], unset: list[str]
+) -> tuple[Registry, list[str]]:
+    """Set (or remove) fields of one entry in place: a changed key keeps its position and
+    inline comment, a new one goes after the entry's last key, the rest stays byte for
+    byte. Returns the registry and the fields that changed (none: nothing written)."""
+    for name in [*values, *unset]:
+        if name not in SETTABLE:
+            hint = (
+                " (use `billing sources enable|disable`)"
+                if name == "enabled"
+                else did_you_mean(name, SETTABLE)
+            )
+            raise ConfigError(f"{path}: source '{source_id}': cannot set field '{name}'{hint}")
+    for name in unset:
+        if name in REQUIRED:
+            raise ConfigError(
+                f"{path}: source '{source_id}': {name} is required and cannot be unset"
+            )
+        if name in values:
+            raise ConfigError(f"{path}: source '{source_id}': {name} is both set and unset")
+    changed: list[str] = []
+
+    def change(doc: tomlkit.TOMLDocument) -> None:
+        aot = _sources_aot(doc, create=False)
+        entry = aot[_index_of(aot, source_id, path)]
+        for key in FIELD_ORDER:
+            if key in values:
+                value = values[key]
+                if key in entry and entry[key] == value:
+                    continue
+                changed.append(key)
+                if key in entry:
+                    entry[key] = value  # replaced in place: position and comment kept
+                else:
+                    _insert_before_trailing(entry.value, key, value)
+            elif key in unset and key in entry:
+                changed.append(key)
+                del entry[key]
+
+    registry = _edit(path, change, create=False, write_if=lambda: bool(changed))
+    return registry, changed
+
+
 # --- the edit cycle ----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ Values of ``*_ref`` fields are never echoed: a mistyped ref may be a pasted secr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ from billing_cli.pricing import Pricing
 from billing_cli.registry.model import Defaults, Registry, SourceConfig, did_you_mean
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("billing_cli.registry")
 
 TOP_LEVEL = ("sources", "defaults", "pricing")
 LEGACY_SOURCE_ID = "legacy"
@@ -85,7 +87,7 @@ def registry_from_data(data: dict[str, Any], path: Path, *, legacy: bool = False
         sources.append(_validate(SourceConfig, raw, path, label))
     raw_pricing = data.get("pricing")
     try:
-        return Registry(
+        registry = Registry(
             path=path,
             sources=sources,
             defaults=defaults,
@@ -95,6 +97,24 @@ def registry_from_data(data: dict[str, Any], path: Path, *, legacy: bool = False
         )
     except ValidationError as exc:
         raise RegistryError(f"{path}: {_describe(exc.errors(), fields=())}") from None
+    _warn_shared_identities(registry)
+    return registry
+
+
+def _warn_shared_identities(registry: Registry) -> None:
+    """Two sources with one node_id/env are allowed (two endpoints of one exporter), but
+    their data is one node's series, so a typo here would silently merge two nodes."""
+    for node_id, env, ids in registry.shared_identities():
+        names = ", ".join(f"'{i}'" for i in ids)
+        log.warning(
+            "%s: sources %s have the same node_id '%s' and env '%s': billing treats their "
+            "data as one node's (fine for two endpoints of one exporter; otherwise fix one "
+            "of them)",
+            registry.path,
+            names,
+            node_id,
+            env,
+        )
 
 
 def _validate(model: type[M], raw: Any, path: Path, label: str) -> M:

@@ -421,6 +421,13 @@ class Registry(BaseModel):
     def ids(self) -> list[str]:
         return [s.source_id for s in self.sources]
 
+    def shared_identities(self) -> list[tuple[str, str, list[str]]]:
+        """``(node_id, env, source_ids)`` for every identity more than one source claims."""
+        by_identity: dict[tuple[str, str], list[str]] = {}
+        for s in self.sources:
+            by_identity.setdefault((s.node_id, s.env), []).append(s.source_id)
+        return [(n, e, ids) for (n, e), ids in by_identity.items() if len(ids) > 1]
+
     def enabled_sources(self) -> list[SourceConfig]:
         return [s for s in self.sources if s.enabled]
 

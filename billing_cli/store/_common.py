@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
 from operator import itemgetter
@@ -98,10 +98,15 @@ class Dialect(ABC):
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[None]:
-        """One atomic unit; inside :meth:`dry_run` a savepoint."""
+        """One atomic unit, committed at exit (rolled back on an exception)."""
 
     @abstractmethod
-    def dry_run(self) -> AbstractContextManager[None]: ...
+    def rolled_back(self) -> AbstractContextManager[None]:
+        """Like :meth:`transaction` (same write locks), but always rolled back at exit."""
+
+    @abstractmethod
+    def has_table(self, name: str) -> bool:
+        """Whether ``name`` is a table of the store's schema (without creating anything)."""
 
     @abstractmethod
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
@@ -161,6 +166,26 @@ def _item_digest(item: Item) -> bytes | None:
 def _late_row(series_id: int, obs: list[Observation]) -> Row:
     ts = [o.collected_at_ns for o in obs]
     return (series_id, min(ts), max(ts))
+
+
+# A dry run re-applies its earlier pages' new observations before every page (see
+# SqlStore.dry_run); past this many it stops rather than hold the lock for ever longer.
+DRY_RUN_MAX_NEW = 1_000_000
+
+
+@dataclass
+class _DryPage:
+    """What one page of a dry run genuinely added: its new observations per series."""
+
+    pricing: Pricing
+    observations: dict[RawKey, list[Observation]] = field(default_factory=dict)
+    emails: dict[RawKey, str] = field(default_factory=dict)
+
+
+@dataclass
+class _DryRun:
+    pages: list[_DryPage] = field(default_factory=list)
+    new_observations: int = 0
 
 
 _SCAN_MIN = 256  # keys of one (node_id, env) in a page before the series range scan pays
@@ -323,13 +348,25 @@ class SqlStore:
     # None: never (the tests compare both ways).
     remember_items_ns: int | None = REMEMBER_ITEMS_NS
 
-    def __init__(self, db: Dialect, url_for_display: str) -> None:
+    def __init__(self, db: Dialect, url_for_display: str, *, read_only: bool = False) -> None:
         self.db = db
         self.url_for_display = url_for_display
+        self.read_only = read_only
         # The collector may share one store between threads; one operation at a time.
         self._lock = threading.RLock()
-        with self._guard("migrate the schema"):
-            self._migrate()
+        self._dry: _DryRun | None = None
+        try:
+            if read_only:
+                # Readers never create, migrate or lock anything (DESIGN §8).
+                with self._guard("read the schema version"):
+                    self._check_schema()
+            else:
+                with self._guard("migrate the schema"):
+                    self._migrate()
+        except BaseException:
+            # A refused open (schema too new, locked) must not leak its connection.
+            db.close()
+            raise
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -352,6 +389,37 @@ class SqlStore:
                     " the 64-bit integer range (bytes < 2^63, amounts < 2^63 nano-units)"
                 ) from None
 
+    def _too_new(self, current: int) -> StoreError:
+        return StoreError(
+            f"database {self.url_for_display} has schema version {current}, newer than "
+            f"this billing supports ({SCHEMA_VERSION}); upgrade billing"
+        )
+
+    def _check_schema(self) -> None:
+        """A read-only open: the schema must be there, at this billing's version.
+
+        Readers never migrate (they never write); an older version is migrated by the next
+        collect or ingest, and until then a read says so instead of reading columns that
+        are not there yet.
+        """
+        current = 0
+        if self.db.has_table("schema_version"):
+            rows = self.db.execute("SELECT max(version) FROM schema_version")
+            current = int(rows[0][0] or 0)
+        if current == 0:
+            raise StoreError(
+                f"no billing data in {self.url_for_display}: it has no billing tables "
+                "(run `billing collect` or `billing ingest FILE` against it first, or check --db)"
+            )
+        if current > SCHEMA_VERSION:
+            raise self._too_new(current)
+        if current < SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.url_for_display} has schema version {current}, older than "
+                f"this billing ({SCHEMA_VERSION}): the next `billing collect` or `billing "
+                "ingest` migrates it (read commands never write)"
+            )
+
     def _migrate(self) -> None:
         with self.db.transaction():
             self.db.migration_lock()
@@ -359,10 +427,7 @@ class SqlStore:
             rows = self.db.execute("SELECT max(version) FROM schema_version")
             current = int(rows[0][0] or 0)
             if current > SCHEMA_VERSION:
-                raise StoreError(
-                    f"database {self.url_for_display} has schema version {current}, newer than "
-                    f"this billing supports ({SCHEMA_VERSION}); upgrade billing"
-                )
+                raise self._too_new(current)
             for version, statements in migrations(self.db.name):
                 if version <= current:
                     continue
@@ -384,13 +449,68 @@ class SqlStore:
     def close(self) -> None:
         self.db.close()
 
+    # --- dry runs -------------------------------------------------------------------------
+    #
+    # A dry run must never block the writers of other sources (the SQLite write lock is one
+    # per file; PostgreSQL's per-uuid quota rows are shared by every node). So each page is
+    # applied in its own transaction that is rolled back at once: the lock is held for one
+    # page, never for the whole run. For the report to stay exact, page k must see what
+    # pages 1..k-1 of the same dry run would have written. It does: before page k, inside
+    # its transaction, the genuinely new observations of each earlier page are applied
+    # again, page by page and silently (metering, buckets, rating and postings exactly as
+    # the first time; an observation that was a duplicate or a refused conflict changes
+    # nothing, so it is not kept). Replaying page by page, not merged, keeps even the
+    # charge/adjustment split of later postings identical to a real run.
+    #
+    # Cost: page k re-applies the new observations of the pages before it, so a dry run
+    # costs O(pages x new observations) and holds the lock per page for about the time
+    # those take to apply. A reconcile of collected history finds few new observations
+    # (cheap); a dry run of a range that was never collected replays everything each page,
+    # so it is refused beyond DRY_RUN_MAX_NEW new observations (with a one-line error
+    # saying so) instead of holding the lock for longer and longer pages.
+
+    @contextmanager
+    def _dry_run(self) -> Iterator[None]:
+        if self._dry is not None:
+            raise RuntimeError("dry runs do not nest")
+        self._dry = _DryRun()
+        try:
+            yield
+        finally:
+            self._dry = None
+
     def dry_run(self) -> AbstractContextManager[None]:
-        return self.db.dry_run()
+        return self._dry_run()
+
+    def _tx(self) -> AbstractContextManager[None]:
+        """A write transaction; inside a dry run one that is rolled back at exit."""
+        return self.db.rolled_back() if self._dry is not None else self.db.transaction()
+
+    def _apply_dry(self, batch: Batch, dry: _DryRun) -> ApplyReport:
+        page = _DryPage(batch.pricing)
+        with self._guard("apply a batch"), _gc_paused(), self.db.rolled_back():
+            for earlier in dry.pages:
+                per_key = {k: list(v) for k, v in earlier.observations.items()}
+                replay = Batch(items=[], run_id=0, pricing=earlier.pricing)
+                self._apply_observations(
+                    replay, per_key, dict(earlier.emails), ApplyReport(), [], now_ns()
+                )
+            report = self._apply(batch, capture=page)
+        if page.observations:
+            dry.new_observations += sum(len(v) for v in page.observations.values())
+            if dry.new_observations > DRY_RUN_MAX_NEW:
+                raise StoreError(
+                    f"dry run stopped: more than {DRY_RUN_MAX_NEW:,} new observations (this "
+                    "range was mostly never collected, and a dry run re-applies them for every "
+                    "page); reconcile without --dry-run, or a shorter range"
+                )
+            dry.pages.append(page)
+        return report
 
     # --- runs ---------------------------------------------------------------------------
 
     def start_run(self, kind: RunKind, sources: list[str], actor: str | None = None) -> int:
-        with self._guard("start a run"), self.db.transaction():
+        with self._guard("start a run"), self._tx():
             rows = self.db.execute(
                 "INSERT INTO runs (kind, sources, started_at_ns, actor) VALUES (?,?,?,?)"
                 " RETURNING run_id",
@@ -399,7 +519,7 @@ class SqlStore:
             return int(rows[0][0])
 
     def finish_run(self, run_id: int, outcome: str, per_source: dict[str, SourceRunResult]) -> None:
-        with self._guard("finish a run"), self.db.transaction():
+        with self._guard("finish a run"), self._tx():
             self.db.execute(
                 "UPDATE runs SET finished_at_ns = ?, outcome = ? WHERE run_id = ?",
                 (now_ns(), outcome, run_id),
@@ -492,7 +612,7 @@ class SqlStore:
     def record_failure(
         self, source_id: str, node_id: str, env: str, attempted_at_ns: int, error: str
     ) -> None:
-        with self._guard("record a failure"), self.db.transaction():
+        with self._guard("record a failure"), self._tx():
             self.db.execute(
                 "INSERT INTO source_checkpoints (source_id, node_id, env, last_attempted_at_ns,"
                 " last_error, consecutive_failures) VALUES (?,?,?,?,?,1)"
@@ -504,7 +624,7 @@ class SqlStore:
             )
 
     def record_success(self, source_id: str, node_id: str, env: str, at_ns: int) -> None:
-        with self._guard("record a success"), self.db.transaction():
+        with self._guard("record a success"), self._tx():
             self.db.execute(
                 "INSERT INTO source_checkpoints (source_id, node_id, env, last_succeeded_at_ns,"
                 " first_succeeded_at_ns, consecutive_failures) VALUES (?,?,?,?,?,0)"
@@ -632,21 +752,29 @@ class SqlStore:
         detail: str,
     ) -> None:
         row = (kind, node_id, env, uuid, inbound_tag, collected_at_ns, source_id, run_id)
-        with self._guard("record an integrity event"), self.db.transaction():
+        with self._guard("record an integrity event"), self._tx():
             self.db.execute(_EVENT_SQL, (*row, detail, now_ns()))
+
+    @staticmethod
+    def _source_cond(
+        source_id: str | Sequence[str] | None, conds: list[str], params: list[Any]
+    ) -> None:
+        if source_id is None:
+            return
+        ids = [source_id] if isinstance(source_id, str) else list(dict.fromkeys(source_id))
+        conds.append(f"source_id IN ({','.join('?' * len(ids))})" if ids else "1 = 0")
+        params.extend(ids)
 
     def iter_integrity_events(
         self,
-        source_id: str | None = None,
+        source_id: str | Sequence[str] | None = None,
         kind: IntegrityKind | None = None,
         open_only: bool = True,
         since_ns: int | None = None,
     ) -> Iterator[IntegrityEvent]:
         conds: list[str] = []
         params: list[Any] = []
-        if source_id is not None:
-            conds.append("source_id = ?")
-            params.append(source_id)
+        self._source_cond(source_id, conds, params)
         if kind is not None:
             conds.append("kind = ?")
             params.append(kind)
@@ -679,18 +807,34 @@ class SqlStore:
                 acknowledged_at_ns=None if r[11] is None else int(r[11]),
             )
 
+    def unknown_integrity_event_ids(self, ids: Sequence[int]) -> list[int]:
+        """The ids among ``ids`` that no event has (events are never deleted)."""
+        known: set[int] = set()
+        unique = sorted(set(ids))
+        with self._guard("read integrity events"):
+            for i in range(0, len(unique), 10_000):
+                part = unique[i : i + 10_000]
+                marks = ",".join("?" * len(part))
+                rows = self.db.execute(
+                    f"SELECT id FROM integrity_events WHERE id IN ({marks})", part
+                )
+                known.update(int(r[0]) for r in rows)
+        return [i for i in unique if i not in known]
+
     def acknowledge_integrity_events(
-        self, ids: list[int] | None, *, source_id: str | None = None, at_ns: int
+        self,
+        ids: list[int] | None,
+        *,
+        source_id: str | Sequence[str] | None = None,
+        at_ns: int,
     ) -> int:
         conds = ["acknowledged_at_ns IS NULL"]
         params: list[Any] = [at_ns]
-        if source_id is not None:
-            conds.append("source_id = ?")
-            params.append(source_id)
+        self._source_cond(source_id, conds, params)
         sql = f"UPDATE integrity_events SET acknowledged_at_ns = ? WHERE {' AND '.join(conds)}"
         # Only rows still open are touched, so acknowledging twice keeps the first time.
         n = 0
-        with self._guard("acknowledge integrity events"), self.db.transaction():
+        with self._guard("acknowledge integrity events"), self._tx():
             if ids is None:
                 return len(self.db.execute(sql + " RETURNING id", params))
             unique = sorted(set(ids))
@@ -704,6 +848,8 @@ class SqlStore:
     # --- apply ----------------------------------------------------------------------------
 
     def apply(self, batch: Batch) -> ApplyReport:
+        if self._dry is not None:
+            return self._apply_dry(batch, self._dry)
         with self._guard("apply a batch"), _gc_paused(), self.db.transaction():
             return self._apply(batch)
 
@@ -936,7 +1082,7 @@ class SqlStore:
                 remember[key] = digest
         return kept, skipped, remember
 
-    def _apply(self, batch: Batch) -> ApplyReport:
+    def _apply(self, batch: Batch, capture: _DryPage | None = None) -> ApplyReport:
         now = now_ns()
         run_id, source_id = batch.run_id, batch.source_id
         report = ApplyReport(items=len(batch.items), rejected=len(batch.rejections))
@@ -964,7 +1110,7 @@ class SqlStore:
         report.samples = skipped + sum(len(it.samples) for it in items)
 
         if per_key:
-            self._apply_observations(batch, per_key, emails, report, events, now)
+            self._apply_observations(batch, per_key, emails, report, events, now, capture)
         if remember:
             # An item with a conflicting sample is not stored whole: never remembered.
             # (An event row is kind, node_id, env, uuid, inbound_tag, collected_at, ...)
@@ -1024,6 +1170,7 @@ class SqlStore:
         report: ApplyReport,
         events: list[Row],
         now: int,
+        capture: _DryPage | None = None,
     ) -> None:
         run_id, source_id = batch.run_id, batch.source_id
         series = self._load_series(per_key, emails)
@@ -1058,6 +1205,9 @@ class SqlStore:
                     )
                 )
             report.new_observations += len(d.inserted)
+            if capture is not None and d.inserted:
+                capture.observations[raw] = d.inserted
+                capture.emails[raw] = emails[raw]
             if d.new_head is not None:
                 h = d.new_head
                 head_rows.append(

@@ -233,7 +233,7 @@ def iter_rerate(
     per_page = 1  # accounts: the first page measures, then about ``page_buckets`` a page
     while True:
         with store._guard("re-rate a period"):
-            scope = store.db.dry_run() if dry_run else store.db.transaction()
+            scope = store.db.rolled_back() if dry_run else store.db.transaction()
             with scope:
                 page = _rerate_page(store, period, pricing, run_id, after, per_page, now_ns)
         if page is None:

@@ -8,7 +8,7 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -372,16 +372,25 @@ class Store(Protocol):
 
     def iter_integrity_events(
         self,
-        source_id: str | None = None,
+        source_id: str | Sequence[str] | None = None,
         kind: IntegrityKind | None = None,
         open_only: bool = True,
         since_ns: int | None = None,
     ) -> Iterator[IntegrityEvent]:
-        """Events in id order; ``since_ns`` is inclusive on ``created_at_ns``."""
+        """Events in id order; ``source_id`` one id or several; ``since_ns`` is inclusive on
+        ``created_at_ns``."""
+        ...
+
+    def unknown_integrity_event_ids(self, ids: Sequence[int]) -> list[int]:
+        """The given ids no event has, sorted (``integrity ack`` refuses them)."""
         ...
 
     def acknowledge_integrity_events(
-        self, ids: list[int] | None, *, source_id: str | None = None, at_ns: int
+        self,
+        ids: list[int] | None,
+        *,
+        source_id: str | Sequence[str] | None = None,
+        at_ns: int,
     ) -> int:
         """Own transaction: set ``acknowledged_at_ns`` on open events; return how many.
 

@@ -54,9 +54,16 @@ class PostgresDialect(Dialect):
     keyset_chunk = 50_000
     lock_series = " FOR UPDATE OF s"  # rows locked in series_id order: no lock-order deadlock
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         self._sql: dict[str, str] = {}
+        if read_only:
+            # Readers never write (DESIGN §8): the server refuses it, whatever the code does.
+            try:
+                self.conn.execute("SET default_transaction_read_only = on")
+            except BaseException:
+                self.conn.close()
+                raise
 
     def q(self, sql: str) -> str:
         out = self._sql.get(sql)
@@ -90,21 +97,24 @@ class PostgresDialect(Dialect):
         return f"{name}({names}) AS (SELECT * FROM unnest({arrays}))", params
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
-        # Nested inside dry_run() psycopg turns this into a savepoint.
-        with self.conn.transaction():
+    def _tx(self, *, commit: bool) -> Iterator[None]:
+        with self.conn.transaction(force_rollback=not commit):
             yield
 
     def transaction(self) -> AbstractContextManager[None]:
-        return self._tx()
+        return self._tx(commit=True)
 
-    @contextmanager
-    def _dry_run(self) -> Iterator[None]:
-        with self.conn.transaction(force_rollback=True):
-            yield
+    def rolled_back(self) -> AbstractContextManager[None]:
+        return self._tx(commit=False)
 
-    def dry_run(self) -> AbstractContextManager[None]:
-        return self._dry_run()
+    def has_table(self, name: str) -> bool:
+        # In the schema the store would create it in (the first of the search_path).
+        rows = self.execute(
+            "SELECT count(*) FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_name = ?",
+            (name,),
+        )
+        return bool(rows[0][0])
 
     def migration_lock(self) -> None:
         # Two first-use processes must not both create the schema.
@@ -174,5 +184,7 @@ class PostgresDialect(Dialect):
 class PostgresStore(SqlStore):
     """A PostgreSQL database selected by a ``postgresql://`` URL."""
 
-    def __init__(self, url: str, url_for_display: str) -> None:
-        super().__init__(PostgresDialect(url), url_for_display)
+    def __init__(self, url: str, url_for_display: str, *, read_only: bool = False) -> None:
+        super().__init__(
+            PostgresDialect(url, read_only=read_only), url_for_display, read_only=read_only
+        )

@@ -16,11 +16,15 @@ FULL's per-commit fsync is not worth its cost on the ingest hot path.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
+from urllib.parse import quote
 
 from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, SqlStore
 
@@ -49,13 +53,76 @@ def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
             delay = min(delay * 2, 0.25)
 
 
+# SQLite's lock bytes on the database file (os_unix.c): a SHARED lock is a read lock on
+# these 510 bytes, the EXCLUSIVE lock a writer needs to checkpoint at close a write lock.
+_PENDING_BYTE = 0x40000000
+_SHARED_FIRST = _PENDING_BYTE + 2
+_SHARED_SIZE = 510
+
+
+class _Snapshot:
+    """A read of a WAL database that no connection has open (no ``-wal`` file): every
+    committed page is in the main file, so it is read as an immutable file, which creates
+    no ``-wal``/``-shm`` (the directory may be read-only; files made by this user could
+    lock the collector's user out later).
+
+    A shared lock on the file's SHARED byte range keeps a writer that starts meanwhile from
+    checkpointing into the file when it closes (it then leaves its WAL for the next one);
+    any other change to the file while we read (an automatic checkpoint of a big WAL) is
+    detected from its size/mtime and reported instead of returning a torn read.
+    """
+
+    def __init__(self, path: str, timeout_s: float) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, _SHARED_SIZE, _SHARED_FIRST)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise sqlite3.OperationalError("database is locked") from None
+                    time.sleep(0.05)  # a writer is checkpointing at close: wait for it
+            self.stamp = self._stamp()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = os.fstat(self.fd)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check(self) -> None:
+        if self._stamp() != self.stamp:
+            raise sqlite3.OperationalError(
+                "the file changed while it was read (a collector checkpointed it); run the "
+                "command again"
+            )
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _uri(path: str, **params: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"file:{quote(os.path.abspath(path))}?{query}"
+
+
 class SQLiteDialect(Dialect):
     name: Literal["sqlite", "postgres"] = "sqlite"
     errors = (sqlite3.Error,)
     keyset_chunk = _MAX_PARAMS // 4  # rows of up to 4 columns stay under the limit
     scan_series = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        self._snapshot: _Snapshot | None = None
+        if read_only:
+            self.conn = self._connect_read_only(path)
+            return
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn = conn
@@ -74,19 +141,45 @@ class SQLiteDialect(Dialect):
         conn.execute("PRAGMA wal_autocheckpoint = 65536")
         # The version table and the schema are created by SqlStore._migrate, inside one
         # BEGIN IMMEDIATE transaction: concurrent first opens wait for each other there.
-        self._dry = False
+
+    def _connect_read_only(self, path: str) -> sqlite3.Connection:
+        """``mode=ro``: no schema, no journal switch, no write lock, ever (DESIGN §8).
+
+        With a writer at work (its ``-wal`` exists) the reader joins its WAL through the
+        existing ``-shm`` (readable is enough, SQLite >= 3.22); otherwise the file is read
+        as an immutable snapshot (see :class:`_Snapshot`)."""
+        if os.path.exists(path + "-wal"):
+            uri = _uri(path, mode="ro")
+        else:
+            self._snapshot = _Snapshot(path, timeout_s=30.0)
+            uri = _uri(path, mode="ro", immutable="1")
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = 1")
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA cache_size = -65536")
+        except BaseException:
+            if self._snapshot is not None:
+                self._snapshot.close()
+            raise
+        return conn
 
     def q(self, sql: str) -> str:
         return sql
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return self.conn.execute(sql, params).fetchall()
+        rows = self.conn.execute(sql, params).fetchall()
+        if self._snapshot is not None:
+            self._snapshot.check()
+        return rows
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self.conn.executemany(sql, rows)
 
     def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         yield from self.conn.execute(sql, params)
+        if self._snapshot is not None:
+            self._snapshot.check()
 
     def keyset(
         self, name: str, cols: Sequence[KeyCol], rows: Sequence[Row]
@@ -97,40 +190,26 @@ class SQLiteDialect(Dialect):
         return f"{name}({names}) AS (VALUES {','.join([one] * len(rows))})", params
 
     @contextmanager
-    def _tx(self) -> Iterator[None]:
-        if self._dry:
-            self.conn.execute("SAVEPOINT apply")
-            try:
-                yield
-            except BaseException:
-                self.conn.execute("ROLLBACK TO apply")
-                self.conn.execute("RELEASE apply")
-                raise
-            self.conn.execute("RELEASE apply")
-            return
+    def _tx(self, *, commit: bool) -> Iterator[None]:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        self.conn.execute("COMMIT" if commit else "ROLLBACK")
 
     def transaction(self) -> AbstractContextManager[None]:
-        return self._tx()
+        return self._tx(commit=True)
 
-    @contextmanager
-    def _dry_run(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        self._dry = True
-        try:
-            yield
-        finally:
-            self._dry = False
-            self.conn.execute("ROLLBACK")
+    def rolled_back(self) -> AbstractContextManager[None]:
+        return self._tx(commit=False)
 
-    def dry_run(self) -> AbstractContextManager[None]:
-        return self._dry_run()
+    def has_table(self, name: str) -> bool:
+        rows = self.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        )
+        return bool(rows[0][0])
 
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         marks = ",".join("?" * len(cols))
@@ -156,10 +235,19 @@ class SQLiteDialect(Dialect):
 
     def close(self) -> None:
         self.conn.close()
+        if self._snapshot is not None:
+            # After the connection: closing any descriptor of the file drops this
+            # process's locks on it, so the lock goes last.
+            self._snapshot.close()
+            self._snapshot = None
 
 
 class SQLiteStore(SqlStore):
     """The default store: one SQLite file."""
 
-    def __init__(self, path: str, url_for_display: str | None = None) -> None:
-        super().__init__(SQLiteDialect(path), url_for_display or path)
+    def __init__(
+        self, path: str, url_for_display: str | None = None, *, read_only: bool = False
+    ) -> None:
+        super().__init__(
+            SQLiteDialect(path, read_only=read_only), url_for_display or path, read_only=read_only
+        )
