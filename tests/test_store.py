@@ -467,8 +467,13 @@ def test_a_version_1_database_is_migrated_on_first_use(
         m.setattr(SqlStore, "_skip_applied_items", lambda self, items: (items, 0, {}))
         s = open_store(db_url)
         page = [item(T0, ("a", 0, 0)), item(T0 + M, ("a", 7, 0))]
-        s.apply(Batch(page, s.start_run("ingest", []), PRICING))
         db = cast(SqlStore, s).db
+        with db.transaction():  # a run as version 1 wrote it (no pid/host yet)
+            (run,) = db.execute(
+                "INSERT INTO runs (kind, sources, started_at_ns) VALUES ('ingest', '[]', 1)"
+                " RETURNING run_id"
+            )[0]
+        s.apply(Batch(page, int(run), PRICING))
         assert db.execute("SELECT max(version) FROM schema_version") == [(1,)]
         s.close()
     s2 = open_store(db_url)
@@ -519,6 +524,47 @@ def test_a_version_2_database_gains_the_freshness_columns(
         cp = s2.get_checkpoint("s1")
         assert cp is not None
         assert (cp.newest_collected_at_ns, cp.first_succeeded_at_ns) == (T0, T0 + 2 * M)
+    finally:
+        s2.close()
+
+
+def test_a_version_3_database_gains_run_processes_and_event_fingerprints(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 4: a run left unfinished by the previous release has no pid (its process
+    cannot be told: never 'abandoned'); its rejection events have no fingerprint and stay."""
+    from billing_cli.core.types import Rejection
+    from billing_cli.store import _common, schema
+
+    rej = Rejection(T0, "n1", "prod", "u", "t", "uuid contains a NUL character")
+    with monkeypatch.context() as m:
+        m.setattr(_common, "SCHEMA_VERSION", 3)
+        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:3])
+        s = open_store(db_url)
+        db = cast(SqlStore, s).db
+        with db.transaction():
+            (old_run,) = db.execute(
+                "INSERT INTO runs (kind, sources, started_at_ns) VALUES ('collect', '[\"s1\"]', 1)"
+                " RETURNING run_id"
+            )[0]
+            db.execute(
+                "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag,"
+                " collected_at_ns, source_id, run_id, detail, created_at_ns) VALUES"
+                " ('rejected', 'n1', 'prod', 'u', 't', ?, 's1', ?, ?, 1)",
+                (T0, old_run, rej.reason),
+            )
+        s.close()
+    s2 = open_store(db_url)
+    try:
+        assert [(r.run_id, r.pid, r.process_gone) for r in s2.unfinished_runs()] == [
+            (int(old_run), None, None)
+        ]
+        assert s2.abandoned_runs() == []
+        run = s2.start_run("collect", ["s1"])
+        s2.apply(Batch([], run, PRICING, "s1", rejections=[rej]))
+        s2.apply(Batch([], run, PRICING, "s1", rejections=[rej]))
+        # The old event stays; the new one is stored once.
+        assert len(list(s2.iter_integrity_events(kind="rejected"))) == 2
     finally:
         s2.close()
 

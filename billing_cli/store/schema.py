@@ -11,19 +11,21 @@ after all others needs no scan of the period. ``item_digests`` (version 2) remem
 digest of each recent item applied whole, so the overlap a pull re-delivers every minute
 is recognised without reading its observations back. Version 3 adds what health needs
 to be measured from the data: each source's newest ``collected_at`` received, and each
-run's most frequent rejection reason.
+run's most frequent rejection reason. Version 4 records which process runs a run (so a
+run whose process is gone shows as abandoned) and a fingerprint per rejection event (so
+the overlap re-delivering a bad item does not store its rejection again).
 
-Migrations are a list of steps; ``schema_version`` records the applied version. A
-database whose version is newer than :data:`SCHEMA_VERSION` is refused (StoreError).
+Migrations are a list of steps; a step's version is its position in :data:`_STEPS` (so
+renumbering when branches merge is moving a line); ``schema_version`` records the applied
+version. A database whose version is newer than :data:`SCHEMA_VERSION` is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 Dialect = Literal["sqlite", "postgres"]
-
-SCHEMA_VERSION = 3
 
 # Tokens rendered per dialect: {BIGINT} integer column, {ID} auto-increment primary key,
 # {WR} the SQLite "WITHOUT ROWID" suffix (rows clustered by primary key).
@@ -233,15 +235,41 @@ ALTER TABLE run_sources ADD COLUMN top_rejection TEXT;
 """
 
 
+# Runs and their processes; integrity events remembered by fingerprint. ``runs.pid`` and
+# ``runs.host`` name the process that started a run: a run without an outcome whose
+# process is gone was killed (SIGKILL, OOM, power) and is *abandoned*. A rejection event's
+# ``fingerprint`` (a digest of what it says, not of when or by which run) is unique, so a
+# rejection the next pull's overlap re-delivers is not stored again; other events have
+# none (NULLs never collide). The indexes serve "the open runs" and "a source's latest
+# identity mismatch" (one event per distinct claim).
+_RUN_PROCESS_AND_EVENT_FINGERPRINTS = """
+ALTER TABLE runs ADD COLUMN pid {BIGINT};
+ALTER TABLE runs ADD COLUMN host TEXT;
+CREATE INDEX runs_unfinished ON runs (run_id) WHERE outcome IS NULL;
+ALTER TABLE integrity_events ADD COLUMN fingerprint {BLOB};
+CREATE UNIQUE INDEX integrity_events_fingerprint ON integrity_events (fingerprint);
+CREATE INDEX integrity_events_by_source ON integrity_events (source_id, kind, id);
+"""
+
+
 def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";\n") if s.strip()]
 
 
+def _ddl(script: str) -> Callable[[Dialect], list[str]]:
+    return lambda dialect: _split(script.format(**_TOKENS[dialect]))
+
+
+# Schema versions in order: version N is _STEPS[N - 1].
+_STEPS: list[Callable[[Dialect], list[str]]] = [
+    _render_v1,
+    _ddl(_V2_TABLES),
+    _ddl(_V3_COLUMNS),
+    _ddl(_RUN_PROCESS_AND_EVENT_FINGERPRINTS),
+]
+SCHEMA_VERSION = len(_STEPS)
+
+
 def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:
     """``(version, statements)`` steps in order; apply those above the stored version."""
-    tokens = _TOKENS[dialect]
-    return [
-        (1, _render_v1(dialect)),
-        (2, _split(_V2_TABLES.format(**tokens))),
-        (3, _split(_V3_COLUMNS.format(**tokens))),
-    ]
+    return [(version, step(dialect)) for version, step in enumerate(_STEPS, start=1)]
