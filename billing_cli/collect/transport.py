@@ -278,6 +278,11 @@ class SourceClient:
             trust_env=False,  # no proxy or netrc credentials from the environment
         )
         self.requests_made = 0
+        # httpx logs every URL at INFO (seen at -vv), query and cursor included: the
+        # cursor is the exporter's text and may carry the token back.
+        self._log_filter = _RedactingFilter(self.redactor)
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
 
     # -- context manager --
     def __enter__(self) -> SourceClient:
@@ -293,6 +298,8 @@ class SourceClient:
 
     def close(self) -> None:
         self._client.close()
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).removeFilter(self._log_filter)
 
     def remaining_s(self) -> float:
         return self._deadline - self._clock()
@@ -621,6 +628,25 @@ class SourceClient:
         text = self.redactor.text(text)
         text = "".join(c if c.isprintable() else " " for c in text)
         return one_line(text, ERROR_BODY_CHARS)
+
+
+_HTTP_LOGGERS = ("httpx", "httpcore")
+
+
+class _RedactingFilter(logging.Filter):
+    """Passes httpx's and httpcore's log records through one source's redaction step."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._redactor:
+            text = record.getMessage()
+            clean = self._redactor.text(text)
+            if clean != text:
+                record.msg, record.args = clean, None
+        return True
 
 
 def _client_cert_hint(auth_mode: str) -> str:
