@@ -162,6 +162,7 @@ def reconcile_command(
                 concurrency=concurrency,
                 record_checkpoints=False,
                 dry_run=dry_run,
+                kind="reconcile",
             )
         )
         ordered = [outcomes[s.source_id] for s in selected]

@@ -27,7 +27,7 @@ from billing_cli.cli._context import get_context
 from billing_cli.cli._flags import duration_flag
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Health, Verdict, all_healthy, classify, default_max_lag_s
-from billing_cli.store.base import Checkpoint, SourceRunResult
+from billing_cli.store.base import Checkpoint, RunRecord, SourceRunResult
 
 # Bumped only for incompatible changes; new fields may be added without a bump.
 JSON_SCHEMA_VERSION = 1
@@ -170,6 +170,7 @@ def collect_status(
         try:
             checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
             last_runs = store.last_source_results()
+            _add_abandoned(last_runs, store.abandoned_runs())
             events = store.integrity_event_counts()
         finally:
             store.close()
@@ -204,6 +205,26 @@ def collect_status(
             )
         )
     return out, events.get("", 0)
+
+
+def _add_abandoned(last_runs: dict[str, SourceRunResult], runs: list[RunRecord]) -> None:
+    """A run killed before it recorded an outcome (its process is gone) is the source's
+    last run when nothing newer exists: shown as ``abandoned``, not as never having run."""
+    for run in runs:
+        for sid in run.sources:
+            prev = last_runs.get(sid)
+            if prev is None or prev.run_id < run.run_id:
+                last_runs[sid] = SourceRunResult(
+                    run_id=run.run_id,
+                    source_id=sid,
+                    kind=run.kind,
+                    started_at_ns=run.started_at_ns,
+                    finished_at_ns=run.started_at_ns,
+                    outcome="abandoned",
+                    counts={},
+                    error=f"run {run.run_id} never finished: its process {run.pid} on "
+                    f"{run.host} is gone (killed?)",
+                )
 
 
 def status_document(statuses: list[SourceStatus], unattributed: int, now: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import orjson
 
 from billing_cli import _process
 from billing_cli._errors import StoreError
+from billing_cli._interrupt import protected
 from billing_cli._time import NS_PER_SECOND, now_ns
 from billing_cli.core import ledger, rating
 from billing_cli.core.metering import diff_series, minute_of
@@ -375,8 +376,9 @@ class SqlStore:
     @contextmanager
     def _guard(self, what: str, *, lock: bool = True) -> Iterator[None]:
         # Readers that stream rows (iter_usage/iter_ledger) do not hold the lock while
-        # suspended: a consumer may stop iterating at any point.
-        with self._lock if lock else nullcontext():
+        # suspended: a consumer may stop iterating at any point. Every other operation
+        # ends (commits or rolls back) before a stop signal takes effect (_interrupt).
+        with self._lock if lock else nullcontext(), protected() if lock else nullcontext():
             try:
                 yield
             except self.db.errors as exc:
