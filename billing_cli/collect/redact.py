@@ -41,6 +41,11 @@ class Redactor:
     """Replaces a source's secrets in text. ``Redactor()`` (no secrets) changes nothing."""
 
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # What the exporter is sent (the bearer token), as bytes: what a raw page is searched
+    # for. Key material never leaves this host (TLS proves possession without sending it),
+    # so an exporter cannot echo it; searching every PEM line in every page would cost
+    # about half the parse time of an mTLS source.
+    sent: tuple[bytes, ...] = field(default=(), repr=False)
 
     @classmethod
     def of(cls, token: str | None = None, key_pems: Iterable[bytes | str] = ()) -> Redactor:
@@ -58,7 +63,8 @@ class Redactor:
                 if len(line.strip()) >= _MIN_KEY_LINE and not line.startswith("-----")
             )
         # Longest first, so a whole PEM goes before the lines inside it.
-        return cls(tuple(sorted(found, key=len, reverse=True)))
+        ordered = tuple(sorted(found, key=len, reverse=True))
+        return cls(ordered, (token.encode(),) if token else ())
 
     def __bool__(self) -> bool:
         return bool(self.secrets)
@@ -93,11 +99,11 @@ class Redactor:
         return None if text is None else self.text(text)
 
     def may_contain(self, raw: bytes) -> bool:
-        """Cheap test on a raw JSON body: False means no parsed string can hold a secret
-        (a secret can only hide behind a JSON escape, and the body has none)."""
-        if not self.secrets:
+        """Cheap test on a raw JSON body: False means no parsed string can hold what the
+        exporter was sent (it could only hide behind a JSON escape, and the body has none)."""
+        if not self.sent:
             return False
-        return b"\\" in raw or any(s.encode() in raw for s in self.secrets)
+        return b"\\" in raw or any(s in raw for s in self.sent)
 
     # -- what the pull loop receives -----------------------------------------------------
 
