@@ -204,5 +204,4 @@ def test_a_stacked_gzip_bomb_keeps_a_collect_process_near_the_cap(
     doc = orjson.loads(out)
     assert "max_response_bytes 1048576" in doc["sources"][0]["error"]
     peak_mib = usage.ru_maxrss / 1024  # KiB on Linux
-    print(f"peak RSS {peak_mib:.1f} MiB")
     assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB for a 1 MiB cap"

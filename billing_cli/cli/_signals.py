@@ -2,11 +2,12 @@
 
 systemd stops a unit with SIGTERM; an operator presses Ctrl-C. Either raises
 :class:`~billing_cli._errors.Interrupted` in the main thread — a ``KeyboardInterrupt``:
-the page being applied is rolled back, locks are released, the run is recorded as
+the requests in flight are aborted, locks are released, the run is recorded as
 ``interrupted`` and the process exits 128 + the signal number (130, 143). During a store
 operation the signal is held until it ends (``billing_cli._interrupt``): the page being
-applied commits, then the run stops. A second signal exits at once with the same status
-(the store is kill-safe: a half-applied page is rolled back by the database itself).
+applied commits (or rolls back, if it fails), then the run stops. A second signal exits
+at once with the same status (the store is kill-safe: a half-applied page is rolled back
+by the database itself).
 """
 
 from __future__ import annotations

@@ -211,6 +211,8 @@ def _add_abandoned(last_runs: dict[str, SourceRunResult], runs: list[RunRecord])
     """A run killed before it recorded an outcome (its process is gone) is the source's
     last run when nothing newer exists: shown as ``abandoned``, not as never having run."""
     for run in runs:
+        if run.kind not in ("collect", "reconcile"):
+            continue  # like their results, a manual ingest says nothing about a source
         for sid in run.sources:
             prev = last_runs.get(sid)
             if prev is None or prev.run_id < run.run_id:
