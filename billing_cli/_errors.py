@@ -7,6 +7,7 @@ Messages never contain secret values (tokens, key material): only references to 
 
 from __future__ import annotations
 
+import signal
 from enum import IntEnum
 
 
@@ -181,3 +182,28 @@ class LockedError(BillingError):
     """Another run holds this source's lock; the source is skipped, not failed."""
 
     exit_code = ExitCode.LOCKED
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was stopped by a signal: SIGINT (Ctrl-C) or SIGTERM (``systemctl stop``).
+
+    A ``KeyboardInterrupt``, so that everything that already cleans up after Ctrl-C does
+    so for SIGTERM too (transactions roll back, psycopg cancels the query in flight, the
+    pull loop aborts its requests). The exit status is ``128 + signal number``: 130 for
+    SIGINT, 143 for SIGTERM, as shells and systemd expect.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(self.signal_name)
+
+    @property
+    def signal_name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -21,6 +21,16 @@ What is refused, and how (one-line messages naming the place):
   non-string ``inbound_tag`` or ``email``, a second sample for the same series in one
   item) -> one :class:`Rejection` with the reason; the rest of the item is kept.
 
+Nothing unbounded or unstorable gets through, so both stores hold exactly the same and a
+hostile exporter cannot fill the disk through a reason: text fields are bounded and free
+of NUL (``uuid``, ``inbound_tag``, ``node_id``, ``env``, ``source_id`` and
+``counter_epoch`` at most :data:`MAX_KEY_CHARS` characters, ``email`` at most
+:data:`MAX_EMAIL_CHARS`; PostgreSQL refuses NUL in text and long index keys, SQLite takes
+both), ``collected_at`` lies in the range of 64-bit nanoseconds the store holds, a
+number no float or 64-bit integer can hold (``1e400``, a 309-digit integer) rejects its
+sample, quoted values are cut to :data:`QUOTE_CHARS` characters and every reason to
+:data:`MAX_REASON_CHARS`, and ``next_cursor`` is at most :data:`MAX_CURSOR_CHARS`.
+
 The deployed exporter (DESIGN §2a) is the normal case, not an exception to it:
 
 * it sums each account over its inbounds, so every sample has ``inbound_tag: ""``: a
@@ -39,6 +49,9 @@ from __future__ import annotations
 
 import io
 import json
+import json.decoder
+import json.scanner
+import math
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +73,16 @@ __all__ = [
 ]
 
 COUNTER_LIMIT = 1 << 63  # counters are signed 64-bit on every store; 2^63 and above refused
+MAX_KEY_CHARS = 128  # uuid, inbound_tag, node_id, env, source_id, counter_epoch
+MAX_EMAIL_CHARS = 320
+MAX_CURSOR_CHARS = 4096
+QUOTE_CHARS = 200  # a remote value is quoted in a message up to this many characters
+MAX_REASON_CHARS = 300
+# collected_at the stores can hold: 64-bit nanoseconds, with room for minute arithmetic.
+MIN_COLLECTED_AT_NS = parse_rfc3339_ns("1678-01-01T00:00:00Z")
+MAX_COLLECTED_AT_NS = parse_rfc3339_ns("2262-01-01T00:00:00Z")  # exclusive
+_MAX_TIME_CHARS = 64  # the longest RFC3339 form is 35 characters
+_HUGE_INT_DIGITS = 30  # beyond any counter; int() of longer literals is not even tried
 _BOM = b"\xef\xbb\xbf"
 _MISSING: Any = object()
 
@@ -98,11 +121,41 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _loads(raw: bytes | str, where: str = "") -> Any:
-    """orjson, with the stdlib as a fallback for integers orjson cannot hold.
+def _parse_int(text: str) -> int | float:
+    # Longer than any counter: an infinity that rejects its sample ("out of range"), and
+    # int() is not asked to convert thousands of digits (Python refuses beyond 4300).
+    if len(text) > _HUGE_INT_DIGITS:
+        return -math.inf if text.startswith("-") else math.inf
+    return int(text)
 
-    Some orjson versions refuse an integer beyond 64 bits for the whole document; the
-    stdlib keeps it exact, so that one absurd counter rejects one sample, not the page.
+
+def _scan_string(text: str, end: int, strict: bool = True) -> tuple[str, int]:
+    value, end = json.decoder.scanstring(text, end, strict)  # type: ignore[attr-defined]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # orjson refuses lone surrogates; the fallback must not let one reach a store.
+        raise ValueError(f"lone surrogate in a string: char {end}") from None
+    return value, end
+
+
+class _FallbackDecoder(json.JSONDecoder):
+    """The stdlib decoder, pure-Python scanner, for documents orjson refuses only for a
+    number: exact or infinite numbers (never an error), and strings checked like orjson's."""
+
+    def __init__(self) -> None:
+        super().__init__(parse_int=_parse_int, parse_constant=_reject_constant)
+        self.parse_string = _scan_string
+        self.scan_once = json.scanner.py_make_scanner(self)  # type: ignore[attr-defined]
+
+
+def _loads(raw: bytes | str, where: str = "") -> Any:
+    """orjson, with the stdlib as a fallback for numbers orjson cannot hold.
+
+    orjson refuses the whole document for a number beyond a double (``1e400``, a 309-digit
+    integer) and some versions for an integer beyond 64 bits; the fallback reads them as
+    infinities or exact integers, so that one absurd counter rejects one sample, not the
+    page.
     """
     prefix = f"{where}: " if where else ""
     try:
@@ -111,10 +164,11 @@ def _loads(raw: bytes | str, where: str = "") -> Any:
         msg = str(exc)
         if where:  # one NDJSON line: orjson's "line 1" would contradict ours
             msg = msg.replace("line 1 column", "column")
-        if "64-bit" not in msg and "integer" not in msg.lower():
+        if not any(k in msg.lower() for k in ("64-bit", "integer", "infinity")):
             raise WireFormatError(f"{prefix}invalid JSON: {msg}") from None
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return _FallbackDecoder().decode(text)
     except (ValueError, RecursionError) as exc:
         raise WireFormatError(f"{prefix}invalid JSON: {exc}") from None
 
@@ -122,9 +176,40 @@ def _loads(raw: bytes | str, where: str = "") -> Any:
 # --- field helpers --------------------------------------------------------------------
 
 
+def _quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """A remote string for a message: printable characters only (so a secret in it stays
+    recognisable for redaction), cut to ``limit`` with its length said."""
+    shown = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    if len(text) <= limit:
+        return f"'{shown}'"
+    return f"'{shown}…' ({len(text)} characters)"
+
+
 def _short(value: Any) -> str:
+    if isinstance(value, str):
+        return _quote(value, 40)
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _text_problem(name: str, value: str, limit: int) -> str | None:
+    """Why a text field cannot be stored (identically by both stores), or None."""
+    if len(value) > limit:
+        return f"{name} is {len(value)} characters long (at most {limit})"
+    if "\x00" in value:
+        return f"{name} contains a NUL character"
+    return None
+
+
+def _parse_time(name: str, value: str) -> tuple[int | None, str | None]:
+    """``(ns, None)``, or ``(None, why)`` when ``value`` is not an RFC3339 time (the value
+    quoted short: it may be a megabyte, or carry a secret the redaction must recognise)."""
+    if len(value) > _MAX_TIME_CHARS:
+        return None, f"{name}: not an RFC3339 timestamp with a zone: {_quote(value)}"
+    try:
+        return parse_rfc3339_ns(value), None
+    except TimeFormatError as exc:
+        return None, f"{name}: {str(exc).replace(repr(value), _quote(value))}"
 
 
 def _type_name(value: Any) -> str:
@@ -158,6 +243,9 @@ def _counter_problem(name: str, value: Any) -> str | None:
     if isinstance(value, float) and value.is_integer() and abs(value) >= COUNTER_LIMIT:
         # orjson turns integers beyond 64 bits into floats: it was an integer literal.
         return f"{name} is out of range (beyond 2^63)"
+    if isinstance(value, float) and math.isinf(value):
+        # 1e400 or a huge integer literal (see _loads): no double or 64-bit integer holds it.
+        return f"{name} is out of range (beyond 2^63)"
     return f"{name} must be a JSON integer 0 <= n < 2^63, got {_type_name(value)} {_short(value)}"
 
 
@@ -167,10 +255,10 @@ def _opt_time(obj: dict[str, Any], key: str, where: str) -> int | None:
         return None
     if not isinstance(value, str):
         raise WireFormatError(f"{where}{key}: expected an RFC3339 string, got {_type_name(value)}")
-    try:
-        return parse_rfc3339_ns(value)
-    except TimeFormatError as exc:
-        raise WireFormatError(f"{where}{key}: {exc}") from None
+    ns, problem = _parse_time(f"{where}{key}", value)
+    if problem is not None:
+        raise WireFormatError(problem)
+    return ns
 
 
 def _identity(value: Any, fallback: str | None, field: str, where: str) -> str:
@@ -183,6 +271,9 @@ def _identity(value: Any, fallback: str | None, field: str, where: str) -> str:
         )
     if not isinstance(value, str):
         raise WireFormatError(f"{where}{field}: expected a string, got {_type_name(value)}")
+    problem = _text_problem(field, value, MAX_KEY_CHARS)
+    if problem is not None:
+        raise WireFormatError(f"{where}{problem}; the item cannot be attributed")
     return value
 
 
@@ -210,10 +301,15 @@ def _parse_item(
     elif not isinstance(raw_ts, str):
         problem = f"collected_at must be an RFC3339 string, got {_type_name(raw_ts)}"
     else:
-        try:
-            collected_at_ns = parse_rfc3339_ns(raw_ts)
-        except TimeFormatError as exc:
-            problem = f"collected_at: {exc}"
+        collected_at_ns, problem = _parse_time("collected_at", raw_ts)
+        if collected_at_ns is not None and not (
+            MIN_COLLECTED_AT_NS <= collected_at_ns < MAX_COLLECTED_AT_NS
+        ):
+            problem = (
+                f"collected_at {_quote(raw_ts)} is outside the range billing can store "
+                "(1678-01-01 to 2262-01-01)"
+            )
+            collected_at_ns = None
 
     epoch: str | None = None
     raw_epoch = obj.get("counter_epoch")
@@ -221,6 +317,8 @@ def _parse_item(
         epoch = None
     elif type(raw_epoch) is str:
         epoch = raw_epoch
+        if problem is None:
+            problem = _text_problem("counter_epoch", raw_epoch, MAX_KEY_CHARS)
     elif type(raw_epoch) is int:
         epoch = str(raw_epoch)
     elif problem is None:
@@ -239,21 +337,14 @@ def _parse_item(
         samples = []
 
     if problem is not None or collected_at_ns is None:
-        reason = f"invalid item: {problem}"
+        reason = one_line(f"invalid item: {problem}", MAX_REASON_CHARS)
         ts = collected_at_ns
         keyed = False
         for s in samples:
             if isinstance(s, dict):
                 uuid, tag = s.get("uuid"), s.get("inbound_tag")
                 rejections.append(
-                    Rejection(
-                        ts,
-                        node_id,
-                        env,
-                        uuid if isinstance(uuid, str) else "",
-                        tag if isinstance(tag, str) else "",
-                        reason,
-                    )
+                    Rejection(ts, node_id, env, _key_or_blank(uuid), _key_or_blank(tag), reason)
                 )
                 keyed = True
             else:
@@ -269,6 +360,13 @@ def _parse_item(
     return Item(collected_at_ns, node_id, env, epoch, valid)
 
 
+def _key_or_blank(value: Any) -> str:
+    """A uuid or tag for a rejection record: as received when it can be stored, else ""."""
+    if isinstance(value, str) and _text_problem("", value, MAX_KEY_CHARS) is None:
+        return value
+    return ""
+
+
 # The wire fields in ``Sample`` order, fetched per sample by one C call.
 _SAMPLE_FIELDS = operator.itemgetter(
     "uuid", "email", "inbound_tag", "uplink_bytes_total", "downlink_bytes_total"
@@ -277,6 +375,7 @@ _SAMPLE_FIELDS_NO_EMAIL = operator.itemgetter(
     "uuid", "inbound_tag", "uplink_bytes_total", "downlink_bytes_total"
 )
 _UUID = operator.itemgetter(0)
+_EMAIL = operator.itemgetter(1)
 _TAG = operator.itemgetter(2)
 
 
@@ -313,7 +412,7 @@ def _clean_samples(samples: list[Any]) -> list[Sample] | None:
         ):
             return None
         append(new(Sample, t))
-    return valid if _no_duplicate_series(valid) else None
+    return valid if _columns_ok(valid, emails=True) else None
 
 
 def _clean_samples_without_email(samples: list[Any]) -> list[Sample] | None:
@@ -339,12 +438,22 @@ def _clean_samples_without_email(samples: list[Any]) -> list[Sample] | None:
         ):
             return None
         append(new(Sample, (uuid, "", tag, up, down)))
-    return valid if _no_duplicate_series(valid) else None
+    return valid if _columns_ok(valid, emails=False) else None
 
 
-def _no_duplicate_series(valid: list[Sample]) -> bool:
-    """Checked once per item, with C-level loops."""
-    return len(set(zip(map(_UUID, valid), map(_TAG, valid), strict=True))) == len(valid)
+def _columns_ok(valid: list[Sample], *, emails: bool) -> bool:
+    """Checked once per item, column by column with C-level loops: no series twice, and
+    every text field storable (bounded, no NUL)."""
+    if not valid:
+        return True
+    uuids = list(map(_UUID, valid))
+    tags = list(map(_TAG, valid))
+    if len(set(zip(uuids, tags, strict=True))) != len(valid):
+        return False
+    columns = [(uuids, MAX_KEY_CHARS), (tags, MAX_KEY_CHARS)]
+    if emails:
+        columns.append((list(map(_EMAIL, valid)), MAX_EMAIL_CHARS))
+    return all(max(map(len, col)) <= limit and "\x00" not in "".join(col) for col, limit in columns)
 
 
 def _checked_samples(
@@ -369,31 +478,45 @@ def _check_sample(
     if not isinstance(s, dict):
         return Rejection(ts, node_id, env, "", "", f"sample must be an object, got {_type_name(s)}")
     uuid, tag, email = s.get("uuid"), s.get("inbound_tag", ""), s.get("email")
-    uuid_s = uuid if isinstance(uuid, str) else ""
-    tag_s = tag if isinstance(tag, str) else ""
+    uuid_s = _key_or_blank(uuid)
+    tag_s = _key_or_blank(tag)
     problems: list[str] = []
     if uuid is None or uuid == "":
         problems.append("uuid is missing")
     elif not isinstance(uuid, str):
         problems.append(f"uuid must be a string, got {_type_name(uuid)}")
+    else:
+        p = _text_problem("uuid", uuid, MAX_KEY_CHARS)
+        if p:
+            problems.append(p)
     # A blank (or absent) inbound_tag is the account-level series (DESIGN §2a).
     if tag is not None and not isinstance(tag, str):
         problems.append(f"inbound_tag must be a string, got {_type_name(tag)}")
+    elif isinstance(tag, str):
+        p = _text_problem("inbound_tag", tag, MAX_KEY_CHARS)
+        if p:
+            problems.append(p)
     if email is not None and not isinstance(email, str):
         problems.append(f"email must be a string, got {_type_name(email)}")
+    elif isinstance(email, str):
+        p = _text_problem("email", email, MAX_EMAIL_CHARS)
+        if p:
+            problems.append(p)
     up, down = s.get("uplink_bytes_total"), s.get("downlink_bytes_total")
     for name, value in (("uplink_bytes_total", up), ("downlink_bytes_total", down)):
         p = _counter_problem(name, value)
         if p:
             problems.append(p)
-    if uuid_s and (tag is None or isinstance(tag, str)):
+    if uuid_s and (tag is None or tag_s == tag):
         key = (uuid_s, tag_s)
         if key in seen and not problems:
             problems.append("duplicate sample for this series in the same item (first kept)")
         # An invalid sample still claims its series: a later one for it is ambiguous.
         seen.add(key)
     if problems:
-        return Rejection(ts, node_id, env, uuid_s, tag_s, "; ".join(problems))
+        return Rejection(
+            ts, node_id, env, uuid_s, tag_s, one_line("; ".join(problems), MAX_REASON_CHARS)
+        )
     return Sample(
         uuid_s, email if isinstance(email, str) else "", tag_s, cast(int, up), cast(int, down)
     )
@@ -422,6 +545,9 @@ def _page_identity(doc: dict[str, Any], field: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise WireFormatError(f"{field}: expected a string, got {_type_name(value)}")
+    problem = _text_problem(field, value, MAX_KEY_CHARS)
+    if problem is not None:
+        raise WireFormatError(problem)
     return value
 
 
@@ -448,9 +574,18 @@ def parse_window_page(raw: bytes) -> WindowPage:
     source_id = doc.get("source_id")
     if source_id is not None and not isinstance(source_id, str):
         raise WireFormatError(f"source_id: expected a string, got {_type_name(source_id)}")
+    if source_id is not None:
+        problem = _text_problem("source_id", source_id, MAX_KEY_CHARS)
+        if problem is not None:
+            raise WireFormatError(problem)
     cursor = doc.get("next_cursor")
     if cursor is not None and not isinstance(cursor, str):
         raise WireFormatError(f"next_cursor: expected a string or null, got {_type_name(cursor)}")
+    if cursor is not None:
+        # A cursor is a time or an offset; a longer one only grows URLs and memory.
+        problem = _text_problem("next_cursor", cursor, MAX_CURSOR_CHARS)
+        if problem is not None:
+            raise WireFormatError(problem)
     has_more = doc.get("has_more", False)
     if not isinstance(has_more, bool):
         raise WireFormatError(f"has_more: expected true or false, got {_type_name(has_more)}")

@@ -345,7 +345,8 @@ def test_bad_samples_recorded_valid_rest_applied(
     ]
     store = open_store(db_url)
     try:
-        assert sum(store.integrity_event_counts().values()) >= 10
+        # One event per item and reason: the zone-less item's two samples are one event.
+        assert sum(store.integrity_event_counts().values()) == 9
     finally:
         store.close()
 

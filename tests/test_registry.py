@@ -431,6 +431,24 @@ def test_insecure_loopback_is_allowed_with_opt_in(url: str) -> None:
     assert src.effective_ca_bundle_ref is None
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost.:9550",  # the DNS name "localhost.": resolved, may leave the host
+        "http://LOCALHOST.",
+        "http://localhost.localdomain:9550",
+        "http://127.0.0.1.:9550",
+        "http://localhost.evil.example:9550",
+    ],
+)
+def test_only_literal_loopback_hosts_count_as_loopback(url: str) -> None:
+    """A bearer token over plain http must not leave the host: a name that is resolved
+    through DNS is not loopback, whatever it looks like."""
+    text = toml(base_url=f'"{url}"', allow_insecure_http="true", defaults="")
+    msg = error_of(text)
+    assert "allow_insecure_http only permits loopback hosts" in msg
+
+
 def test_auth_none_on_insecure_loopback() -> None:
     text = toml(
         base_url='"http://127.0.0.1:1"',

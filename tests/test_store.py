@@ -610,6 +610,47 @@ def test_a_version_3_database_gets_accounting_periods_on_first_use(
         s2.close()
 
 
+def test_a_version_4_database_gains_run_processes_and_event_fingerprints(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5: a run left unfinished by the previous release has no pid (its process
+    cannot be told: never 'abandoned'); its rejection events have no fingerprint and stay."""
+    from billing_cli.core.types import Rejection
+    from billing_cli.store import _common, schema
+
+    rej = Rejection(T0, "n1", "prod", "u", "t", "uuid contains a NUL character")
+    with monkeypatch.context() as m:
+        m.setattr(_common, "SCHEMA_VERSION", 4)
+        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:4])
+        s = open_store(db_url)
+        db = cast(SqlStore, s).db
+        with db.transaction():
+            (old_run,) = db.execute(
+                "INSERT INTO runs (kind, sources, started_at_ns) VALUES ('collect', '[\"s1\"]', 1)"
+                " RETURNING run_id"
+            )[0]
+            db.execute(
+                "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag,"
+                " collected_at_ns, source_id, run_id, detail, created_at_ns) VALUES"
+                " ('rejected', 'n1', 'prod', 'u', 't', ?, 's1', ?, ?, 1)",
+                (T0, old_run, rej.reason),
+            )
+        s.close()
+    s2 = open_store(db_url)
+    try:
+        assert [(r.run_id, r.pid, r.process_gone) for r in s2.unfinished_runs()] == [
+            (int(old_run), None, None)
+        ]
+        assert s2.abandoned_runs() == []
+        run = s2.start_run("collect", ["s1"])
+        s2.apply(Batch([], run, PRICING, "s1", rejections=[rej]))
+        s2.apply(Batch([], run, PRICING, "s1", rejections=[rej]))
+        # The old event stays; the new one is stored once.
+        assert len(list(s2.iter_integrity_events(kind="rejected"))) == 2
+    finally:
+        s2.close()
+
+
 def test_newer_schema_is_refused(db_url: str) -> None:
     s = open_store(db_url)
     db = cast(SqlStore, s).db

@@ -8,6 +8,7 @@ commands differ only in which range they pull and whether checkpoints move.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from billing_cli._errors import ExitCode
+from billing_cli._errors import BillingError, ExitCode
 from billing_cli._time import NS_PER_SECOND, format_rfc3339_ns
 from billing_cli.cli._context import AppContext
 from billing_cli.collect.collector import (
@@ -29,11 +30,13 @@ from billing_cli.collect.collector import (
     transport_client_factory,
 )
 from billing_cli.collect.locks import Locker, SourceLock, locker_for
+from billing_cli.collect.redact import Redactor
 from billing_cli.pricing import Pricing
 from billing_cli.registry.model import SourceConfig
 from billing_cli.store.base import RunKind, SourceRunResult, Store
 
 LOCKED_NOTE = "another run holds this source"
+log = logging.getLogger("billing_cli.run")
 
 
 class Locks:
@@ -194,6 +197,13 @@ class _ReportingClient:
     def get_latest(self) -> bytes:
         return self.inner.get_latest()
 
+    @property
+    def redactor(self) -> Redactor:
+        return self.inner.redactor
+
+    def abort(self) -> None:
+        self.inner.abort()
+
 
 def reporting(
     factory: ClientFactory[SourceConfig], hooks: ProgressHooks
@@ -233,14 +243,19 @@ def pull(
     record_checkpoints: bool = True,
     dry_run: bool = False,
     label: str = "collect",
+    kind: RunKind | None = None,
 ) -> dict[str, SourceOutcome]:
     """Pull ``tasks`` over HTTPS with a progress bar on a terminal.
 
     ``dry_run`` applies every page inside ``store.dry_run()`` (each page rolled back). The
-    per-source time budget is ``settings.budget_s``.
+    per-source time budget is ``settings.budget_s``. When the run is interrupted (Ctrl-C,
+    SIGTERM) and ``kind`` is given, the run is recorded as ``interrupted`` — with what
+    each source did before — and the interruption goes on up (locks released, exit 130
+    or 143).
     """
     progress = make_progress(app, json_out)
     hooks = ProgressHooks(progress, locks, tasks, settings.chunk_s, label)
+    outcomes: dict[str, SourceOutcome] = {}
     if progress is not None:
         progress.start()
     try:
@@ -256,10 +271,27 @@ def pull(
                 concurrency=concurrency,
                 hooks=hooks,
                 record_checkpoints=record_checkpoints,
+                outcomes=outcomes,
             )
+    except KeyboardInterrupt:
+        if kind is not None and not dry_run:
+            finish_interrupted(store, run_id, kind, list(outcomes.values()))
+        raise
     finally:
         if progress is not None:
             progress.stop()
+
+
+def finish_interrupted(
+    store: Store, run_id: int, kind: RunKind, outcomes: list[SourceOutcome]
+) -> None:
+    """Record a run stopped by a signal; never let that bookkeeping replace the stop."""
+    try:
+        store.finish_run(
+            run_id, "interrupted", {o.source_id: run_result(run_id, kind, o) for o in outcomes}
+        )
+    except BillingError as exc:
+        log.warning("run %d could not be marked interrupted: %s", run_id, exc.message)
 
 
 def failure_line(outcome: SourceOutcome) -> str:
@@ -323,6 +355,8 @@ def exit_code_for(outcomes: list[SourceOutcome]) -> ExitCode:
 
 
 def run_outcome(outcomes: list[SourceOutcome]) -> str:
+    if any(o.status == "interrupted" for o in outcomes):
+        return "interrupted"
     if any(o.status == "failed" for o in outcomes):
         return "failed"
     if outcomes and all(o.status == "skipped" for o in outcomes):

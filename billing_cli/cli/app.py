@@ -14,10 +14,11 @@ import click
 import typer
 
 from billing_cli import __version__
-from billing_cli._errors import BillingError, ExitCode, UsageError, one_line
+from billing_cli._errors import BillingError, ExitCode, Interrupted, UsageError, one_line
 from billing_cli.cli import commands
 from billing_cli.cli._context import DEFAULT_REGISTRY, AppContext, make_console, resolve_db_url
 from billing_cli.cli._logging import setup_logging
+from billing_cli.cli._signals import stop_on_signals
 
 log = logging.getLogger("billing_cli")
 
@@ -196,7 +197,8 @@ def run(args: Sequence[str]) -> int:
     try:
         # Invoked directly rather than through click's ``main()``: that one turns a closed
         # stdout (``billing usage --json | head``) into ``sys.exit(1)`` before we see it.
-        with command.make_context("billing", list(args)) as ctx:
+        # SIGTERM (systemd's stop) is handled like Ctrl-C: see _signals.
+        with stop_on_signals(), command.make_context("billing", list(args)) as ctx:
             result = command.invoke(ctx)
     except BillingError as exc:
         _print_error(exc.message)
@@ -212,6 +214,9 @@ def run(args: Sequence[str]) -> int:
     except click.ClickException as exc:
         _print_error(click_error_line(exc))
         return int(ExitCode.CONFIG)
+    except Interrupted as exc:
+        _print_error(f"interrupted by {exc.signal_name}")
+        return exc.exit_code
     except KeyboardInterrupt:
         _print_error("interrupted")
         return 130

@@ -190,6 +190,7 @@ def collect_command(
                 run_id=run_id,
                 settings=settings,
                 concurrency=concurrency,
+                kind="collect",
             )
         )
         ordered = [outcomes[s.source_id] for s in due]

@@ -317,7 +317,9 @@ def _apply(
         except BaseException as exc:
             # Batches already applied stay committed (each was atomic); record the stop.
             log.debug("ingest stopped after %d batch(es): %r", batches, exc)
-            _finish(store, run_id, "failed")
+            # Ctrl-C or SIGTERM (systemd) is an interruption, not a failure of the input.
+            stopped = isinstance(exc, KeyboardInterrupt)
+            _finish(store, run_id, "interrupted" if stopped else "failed")
             raise
         _finish(store, run_id, "ok")
         return report, run_id, batches

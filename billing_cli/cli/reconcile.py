@@ -211,6 +211,7 @@ def reconcile_command(
                 record_checkpoints=False,
                 dry_run=dry_run,
                 label="reconcile (dry run)" if dry_run else "reconcile",
+                kind="reconcile",
             )
         )
         ordered = [outcomes[s.source_id] for s in selected]

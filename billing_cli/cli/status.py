@@ -29,7 +29,7 @@ from billing_cli.cli._flags import SourcesOption, WideOption, duration_flag
 from billing_cli.cli._pricing import pricing_state
 from billing_cli.collect.locks import is_postgres_url, sqlite_path
 from billing_cli.health import Delivery, Freshness, Health, Verdict, all_healthy, classify
-from billing_cli.store.base import Checkpoint, SourceRunResult
+from billing_cli.store.base import Checkpoint, RunRecord, SourceRunResult
 
 # Bumped only for incompatible changes; new fields may be added without a bump.
 # 2: lag_seconds is measured from the newest data received (it was the request horizon).
@@ -195,6 +195,7 @@ def collect_status(
     try:
         checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()}
         last_runs = store.last_source_results()
+        _add_abandoned(last_runs, store.abandoned_runs())
         events = store.integrity_event_counts()
     finally:
         store.close()
@@ -237,6 +238,28 @@ def collect_status(
             )
         )
     return out, events.get("", 0)
+
+
+def _add_abandoned(last_runs: dict[str, SourceRunResult], runs: list[RunRecord]) -> None:
+    """A run killed before it recorded an outcome (its process is gone) is the source's
+    last run when nothing newer exists: shown as ``abandoned``, not as never having run."""
+    for run in runs:
+        if run.kind not in ("collect", "reconcile"):
+            continue  # like their results, a manual ingest says nothing about a source
+        for sid in run.sources:
+            prev = last_runs.get(sid)
+            if prev is None or prev.run_id < run.run_id:
+                last_runs[sid] = SourceRunResult(
+                    run_id=run.run_id,
+                    source_id=sid,
+                    kind=run.kind,
+                    started_at_ns=run.started_at_ns,
+                    finished_at_ns=run.started_at_ns,
+                    outcome="abandoned",
+                    counts={},
+                    error=f"run {run.run_id} never finished: its process {run.pid} on "
+                    f"{run.host} is gone (killed?)",
+                )
 
 
 def status_document(statuses: list[SourceStatus], unattributed: int, now: int) -> dict[str, Any]:
@@ -323,6 +346,9 @@ def _detail_lines(statuses: list[SourceStatus]) -> list[str]:
         error = redact_error(s.checkpoint.last_error if s.checkpoint else None)
         if error:
             out.append(f"{s.source_id}: last error: {error}")
+        run = s.last_run
+        if run is not None and run.outcome == "abandoned" and run.error:
+            out.append(f"{s.source_id}: {run.error}")
     return out
 
 

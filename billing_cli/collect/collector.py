@@ -16,17 +16,32 @@ Two halves, so that the database has exactly one writer per process:
 
 A failing or slow source only fails itself: its worker reports an error, the writer
 records it (``record_failure``, redacted one line) and keeps serving the other workers.
-Each source also has a time budget checked between pages; the transport's own
-``request_timeout`` and retry bound keep a single request from exceeding it by much.
+Each source also has a time budget, checked between pages and — by the transport — during
+each request, so a request in flight cannot outlast it.
+
+What an exporter sends is not trusted beyond the wire contract:
+
+* every page and every error of a source passes that source's
+  :class:`~billing_cli.collect.redact.Redactor` before it leaves the worker, so an echoed
+  bearer token reaches no output, log or table;
+* an item outside the window it was requested for, or later than now plus
+  :data:`CLOCK_SKEW_NS`, is rejected with a recorded reason (not applied, and not counted
+  in the page's newest ``collected_at``);
+* a cursor longer than the wire bound is a protocol error; the cursors seen are kept as
+  digests, so an exporter inventing new ones cannot grow memory by more than a few bytes
+  a page (the time budget ends such a run).
+
+Workers are daemon threads: a run that is stopped (Ctrl-C, SIGTERM reach the writer)
+aborts the requests in flight and does not wait for a stuck exporter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
@@ -39,7 +54,14 @@ from billing_cli._errors import (
     SourceIdentityError,
     one_line,
 )
-from billing_cli._time import NS_PER_SECOND, format_rfc3339_ns, minute_floor_ns, now_ns
+from billing_cli._time import (
+    NS_PER_MINUTE,
+    NS_PER_SECOND,
+    format_rfc3339_ns,
+    minute_floor_ns,
+    now_ns,
+)
+from billing_cli.collect.redact import NO_SECRETS, Redactor
 from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
 from billing_cli.store.base import ApplyReport, Batch, CheckpointAdvance, Store
@@ -50,13 +72,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SourceStatus = Literal["ok", "failed", "skipped"]
+SourceStatus = Literal["ok", "failed", "skipped", "interrupted"]
 
 MAX_ERROR_CHARS = 400
 FIRST_PAGE_ITEMS = 8
 # What the deployed exporter's /v1/snapshots/latest answers (HTTP 404, text/plain) until
 # it has taken its first snapshot.
 NO_SNAPSHOT_BODY = "no snapshot available"
+# How far ahead of this host's clock an item may be dated before it is refused as future.
+CLOCK_SKEW_NS = 5 * NS_PER_MINUTE
+OUTSIDE_WINDOW = "collected_at is outside the window it was requested for"
+IN_THE_FUTURE = "collected_at is later than now plus the 5m clock-skew allowance"
 
 
 @dataclass(frozen=True)
@@ -89,9 +115,18 @@ class SourceLike(Protocol):
 class ExporterClient(Protocol):
     """What the pull loop needs from ``transport.SourceClient`` (one per source)."""
 
+    @property
+    def redactor(self) -> Redactor:
+        """The source's secrets, for the one redaction step of what the exporter sends."""
+        ...
+
     def get_window(self, since_ns: int, until_ns: int, limit: int, cursor: str | None) -> bytes: ...
 
     def get_latest(self) -> bytes: ...
+
+    def abort(self) -> None:
+        """End the request in flight now (from another thread): the run is stopping."""
+        ...
 
 
 # The pull loop only reads ``SourceLike`` fields; the client factory gets the task's own
@@ -226,8 +261,9 @@ def iter_source_batches(
     movement its own data justifies).
     """
     source = task.source
+    redactor = client.redactor
     if source.api == "latest":
-        yield from _iter_latest(task, client, pricing, run_id, settings, attempted_at_ns)
+        yield from _iter_latest(task, client, pricing, run_id, settings, attempted_at_ns, clock)
         return
     chunk_ns = int(settings.chunk_s * NS_PER_SECOND)
     # Start small (series per item are unknown yet) and adapt after the first page.
@@ -235,7 +271,7 @@ def iter_source_batches(
     seen_items = seen_samples = 0
     for chunk_since, chunk_until in plan_chunks(task.since_ns, task.until_ns, chunk_ns):
         cursor: str | None = None
-        seen: set[str] = set()
+        seen: set[bytes] = set()  # digests of the cursors received (bounded memory)
         page_no = 0
         while True:
             if deadline_ns is not None and clock() > deadline_ns:
@@ -254,6 +290,8 @@ def iter_source_batches(
                 page = parse_window_page(raw)
             except WireFormatError as exc:
                 raise ProtocolError(source.source_id, f"{where}: {exc}") from None
+            if redactor.may_contain(raw):
+                page = redactor.page(page)
             del raw
             # A page without identity (the deployed exporter's empty page) claims nothing;
             # its items, if any, are checked one by one below.
@@ -276,6 +314,7 @@ def iter_source_batches(
                     _check_identity(
                         source, r.node_id, r.env, f"{where} rejected item", r.collected_at_ns
                     )
+            next_digest = _digest(page.next_cursor)
             if page.has_more:
                 if not page.next_cursor:
                     raise ProtocolError(source.source_id, f"{where}: has_more without next_cursor")
@@ -283,7 +322,7 @@ def iter_source_batches(
                     raise ProtocolError(
                         source.source_id, f"{where}: has_more is true but the page is empty"
                     )
-                if page.next_cursor == cursor or page.next_cursor in seen:
+                if page.next_cursor == cursor or next_digest in seen:
                     raise ProtocolError(
                         source.source_id,
                         f"{where}: exporter repeated a cursor (pagination loop); stopped",
@@ -295,19 +334,68 @@ def iter_source_batches(
                 seen_samples += sum(len(i.samples) for i in page.items)
                 per_item = max(1, seen_samples // seen_items)
                 limit = max(1, min(settings.page_limit, settings.page_samples // per_item))
+            items, rejections = _in_window(
+                page.items, page.rejections, chunk_since, chunk_until, clock()
+            )
+            stored_cursor = page.next_cursor if page.next_cursor is not None else cursor
             advance = _advance(
                 task,
-                last_cursor=page.next_cursor if page.next_cursor is not None else cursor,
+                last_cursor=redactor.opt(stored_cursor),
                 until_ns=chunk_until if last else None,
                 attempted_at_ns=attempted_at_ns,
-                items=page.items,
+                items=items,
             )
-            yield _batch(task, page.items, page.rejections, advance, pricing, run_id, settings)
+            yield _batch(task, items, rejections, advance, pricing, run_id, settings)
             if last:
                 break
             assert page.next_cursor is not None
-            seen.add(page.next_cursor)
+            assert next_digest is not None
+            seen.add(next_digest)
             cursor = page.next_cursor  # verbatim: cursors are opaque (nanosecond RFC3339)
+
+
+def _digest(cursor: str | None) -> bytes | None:
+    if cursor is None:
+        return None
+    return hashlib.blake2b(cursor.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _in_window(
+    items: list[Item],
+    rejections: list[Rejection],
+    since_ns: int | None,
+    until_ns: int | None,
+    now: int,
+) -> tuple[list[Item], list[Rejection]]:
+    """Items inside ``[since_ns, until_ns)`` (None: unbounded) and not later than ``now``
+    plus the clock-skew allowance; the others become rejections, one per sample.
+
+    An exporter that answers a window with items from elsewhere (a 1970 item re-baselines
+    a user and bills history from before billing began into one minute; a year-2200 item
+    creates buckets in 2200) is not trusted with them; the window that covers them asks
+    again for those that are real.
+    """
+    latest_ok = now + CLOCK_SKEW_NS
+    bad = [
+        i
+        for i in items
+        if i.collected_at_ns > latest_ok
+        or (since_ns is not None and i.collected_at_ns < since_ns)
+        or (until_ns is not None and i.collected_at_ns >= until_ns)
+    ]
+    if not bad:
+        return items, rejections
+    out = list(rejections)
+    for i in bad:
+        reason = IN_THE_FUTURE if i.collected_at_ns > latest_ok else OUTSIDE_WINDOW
+        if not i.samples:
+            out.append(Rejection(i.collected_at_ns, i.node_id, i.env, "", "", reason))
+        out.extend(
+            Rejection(i.collected_at_ns, i.node_id, i.env, s.uuid, s.inbound_tag, reason)
+            for s in i.samples
+        )
+    ids = {id(i) for i in bad}
+    return [i for i in items if id(i) not in ids], out
 
 
 def _iter_latest(
@@ -317,6 +405,7 @@ def _iter_latest(
     run_id: int,
     settings: PullSettings,
     attempted_at_ns: int,
+    clock: Callable[[], int],
 ) -> Iterator[Batch | PullNote]:
     """Legacy ``/v1/snapshots/latest``: one item per run.
 
@@ -343,8 +432,12 @@ def _iter_latest(
             items, rejections = parse_latest(raw, node_id=source.node_id, env=source.env)
         except WireFormatError as exc:
             raise ProtocolError(source.source_id, f"latest snapshot: {exc}") from None
+        if client.redactor.may_contain(raw):
+            items, rejections = client.redactor.items(items, rejections)
     _check_items(source, items, "latest snapshot")
     rejections = [r for r in rejections if _rejection_ok(source, r)]
+    # No window to hold the item to, but the future is still refused.
+    items, rejections = _in_window(items, rejections, None, None, clock())
     advance = _advance(
         task,
         last_cursor=None,
@@ -454,14 +547,19 @@ def run_sources(
     hooks: RunHooks | None = None,
     record_checkpoints: bool = True,
     clock: Callable[[], int] = now_ns,
+    outcomes: dict[str, SourceOutcome] | None = None,
 ) -> dict[str, SourceOutcome]:
     """Pull every task concurrently (bounded) and apply their pages in this thread.
 
     ``record_checkpoints``: call ``record_success``/``record_failure`` per source
-    (collect); reconcile passes False and leaves checkpoints alone.
+    (collect); reconcile passes False and leaves checkpoints alone. ``outcomes``, when
+    given, is filled as the run goes: when the run is interrupted (a ``KeyboardInterrupt``
+    — Ctrl-C or SIGTERM — raised in this thread) it holds what was done, the unfinished
+    sources marked ``interrupted``, and the exception propagates at once: the requests in
+    flight are aborted, no stuck worker is waited for.
     """
     hooks = hooks or _NoHooks()
-    outcomes: dict[str, SourceOutcome] = {}
+    outcomes = {} if outcomes is None else outcomes
     if not tasks:
         return outcomes
     # Bounded: a fast exporter cannot run ahead of the writer by more than a few pages.
@@ -470,6 +568,8 @@ def run_sources(
     abandoned: set[str] = set()  # sources the writer failed; their workers stop early
     abandoned_lock = threading.Lock()
     stop = threading.Event()  # the writer gave up (interrupt, bug): workers must not block
+    live: dict[str, ExporterClient] = {}  # clients with a request possibly in flight
+    live_lock = threading.Lock()
 
     def put(msg: _Msg) -> None:
         while not stop.is_set():
@@ -484,37 +584,75 @@ def run_sources(
         # The budget and last_attempted_at count from when the pull really starts, not
         # from when it was queued behind the concurrency bound.
         outcome.started_at_ns = clock()
+        redactor = NO_SECRETS
         try:
             deadline = outcome.started_at_ns + int(settings.budget_s * NS_PER_SECOND)
             with make_client(task.source) as client:
-                for batch in iter_source_batches(
-                    task,
-                    client,
-                    pricing=pricing,
-                    run_id=run_id,
-                    settings=settings,
-                    attempted_at_ns=outcome.started_at_ns,
-                    deadline_ns=deadline,
-                    clock=clock,
-                ):
-                    with abandoned_lock:
-                        if sid in abandoned or stop.is_set():
-                            break
-                    if isinstance(batch, PullNote):
-                        put(_Msg("note", sid, note=batch.text))
-                    else:
-                        put(_Msg("batch", sid, batch=batch))
+                redactor = client.redactor
+                with live_lock:
+                    live[sid] = client
+                if stop.is_set():
+                    client.abort()
+                try:
+                    for batch in iter_source_batches(
+                        task,
+                        client,
+                        pricing=pricing,
+                        run_id=run_id,
+                        settings=settings,
+                        attempted_at_ns=outcome.started_at_ns,
+                        deadline_ns=deadline,
+                        clock=clock,
+                    ):
+                        with abandoned_lock:
+                            if sid in abandoned or stop.is_set():
+                                break
+                        if isinstance(batch, PullNote):
+                            put(_Msg("note", sid, note=redactor.text(batch.text)))
+                        else:
+                            put(_Msg("batch", sid, batch=batch))
+                finally:
+                    with live_lock:
+                        live.pop(sid, None)
             put(_Msg("done", sid))
         except BaseException as exc:  # noqa: BLE001 - reported to the writer, never lost
-            put(_Msg("error", sid, error=exc))
+            # Whatever the exporter said inside the error leaves the worker redacted.
+            put(_Msg("error", sid, error=redactor.error(exc)))
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="pull")
+    todo: queue.SimpleQueue[PullTask[S]] = queue.SimpleQueue()
+    for task in tasks:
+        src = task.source
+        outcomes[src.source_id] = SourceOutcome(
+            source_id=src.source_id,
+            node_id=src.node_id,
+            env=src.env,
+            status="ok",
+            since_ns=task.since_ns,
+            until_ns=task.until_ns,
+            started_at_ns=clock(),
+        )
+        todo.put(task)
+
+    def runner() -> None:
+        while not stop.is_set():
+            try:
+                task = todo.get_nowait()
+            except queue.Empty:
+                return
+            work(task, outcomes[task.source.source_id])
+
+    # Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's
+    # threads at exit, so one exporter that never answers would hold a stopped run.
+    workers = [
+        threading.Thread(target=runner, name=f"pull-{n}", daemon=True)
+        for n in range(max(1, min(concurrency, len(tasks))))
+    ]
+    for w in workers:
+        w.start()
     try:
         _write_loop(
             store,
             tasks,
-            pool,
-            work,
             inbox,
             outcomes,
             hooks,
@@ -524,17 +662,37 @@ def run_sources(
             clock,
             run_id,
         )
+    except BaseException as exc:
+        stop.set()
+        with live_lock:
+            stuck = list(live.values())
+        for client in stuck:
+            client.abort()
+        if isinstance(exc, KeyboardInterrupt):
+            _mark_interrupted(outcomes, exc, clock())
+        raise
     finally:
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+    for w in workers:
+        w.join()  # every worker has reported its source: they are ending
     return outcomes
+
+
+def _mark_interrupted(outcomes: dict[str, SourceOutcome], exc: KeyboardInterrupt, now: int) -> None:
+    name = getattr(exc, "signal_name", "SIGINT")
+    for o in outcomes.values():
+        if o.finished_at_ns == 0 and o.status != "skipped":
+            o.status = "interrupted"
+            o.finished_at_ns = now
+            o.error = (
+                f"source '{o.source_id}': interrupted by {name} before it finished; the "
+                "pages committed so far are kept and the next run continues from the checkpoint"
+            )
 
 
 def _write_loop(
     store: Store,
     tasks: list[PullTask[S]],
-    pool: ThreadPoolExecutor,
-    work: Callable[[PullTask[S], SourceOutcome], None],
     inbox: queue.Queue[_Msg],
     outcomes: dict[str, SourceOutcome],
     hooks: RunHooks,
@@ -544,21 +702,7 @@ def _write_loop(
     clock: Callable[[], int],
     run_id: int,
 ) -> None:
-    pending = 0
-    for task in tasks:
-        src = task.source
-        outcome = SourceOutcome(
-            source_id=src.source_id,
-            node_id=src.node_id,
-            env=src.env,
-            status="ok",
-            since_ns=task.since_ns,
-            until_ns=task.until_ns,
-            started_at_ns=clock(),
-        )
-        outcomes[src.source_id] = outcome
-        pool.submit(work, task, outcome)
-        pending += 1
+    pending = len(tasks)
     by_id = {t.source.source_id: t for t in tasks}
     while pending:
         msg = inbox.get()
@@ -625,10 +769,10 @@ def _record_identity_mismatch(
     store: Store, outcome: SourceOutcome, exc: SourceIdentityError, run_id: int
 ) -> None:
     """An exporter answering for another node is an integrity event (DESIGN §6), not only
-    a failed run: it stays listed until someone acknowledges it (``billing integrity``)."""
+    a failed run: it stays listed until someone acknowledges it (``billing integrity``).
+    Once per distinct claim: a mis-identified source retried every minute is one event."""
     try:
-        store.record_integrity_event(
-            "identity_mismatch",
+        store.record_identity_mismatch(
             node_id=exc.node_id,
             env=exc.env,
             collected_at_ns=exc.collected_at_ns,

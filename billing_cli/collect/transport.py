@@ -9,8 +9,13 @@ Security rules kept here:
   host for SNI *and* hostname verification (httpx's ``sni_hostname`` extension is what
   ``ssl`` uses as ``server_hostname``, so OpenSSL checks the certificate against it);
 - redirects are never followed;
-- the body is capped while streaming, so an oversize answer never sits in memory whole;
-- no message or log line contains the token, key material or a full URL with its query.
+- ``request_timeout`` bounds the whole request (connect, TLS, headers, body) and the
+  source's time budget bounds it too (``_deadline``); :meth:`SourceClient.abort` ends a
+  request in flight from another thread (an interrupted run);
+- the body is capped while streaming, through every Content-Encoding layer (``_decode``),
+  so an oversize or bomb answer never sits in memory whole;
+- no message or log line contains the token, key material or a full URL with its query:
+  every message is built through the source's :class:`~billing_cli.collect.redact.Redactor`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +54,8 @@ from billing_cli._errors import (
     one_line,
 )
 from billing_cli._time import format_rfc3339_ns
+from billing_cli.collect import _decode
+from billing_cli.collect._deadline import DeadlineBackend, DeadlineTransport
 from billing_cli.collect._tls import (
     ClientCertificate,
     PemSource,
@@ -58,6 +65,7 @@ from billing_cli.collect._tls import (
     classify_tls_error,
     tls_reason,
 )
+from billing_cli.collect.redact import Redactor
 from billing_cli.registry import credentials
 from billing_cli.registry.model import Defaults, SourceConfig
 
@@ -94,6 +102,8 @@ class TransportConfig:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
     budget_s: float = 300.0
+    # The client key PEM(s), only so that the source's redaction step knows them.
+    client_key_pems: tuple[bytes, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.base_url).scheme
@@ -142,6 +152,7 @@ def build_transport_config(
             )
 
     ctx: ssl.SSLContext | None = None
+    key_pems: tuple[bytes, ...] = ()
     if urlsplit(base_url).scheme == "https":
         client: ClientCertificate | None = None
         if "mtls" in auth:
@@ -153,6 +164,8 @@ def build_transport_config(
                 cert=_pem_source(source.client_cert_ref, sid, "client_cert_ref"),
                 key=_pem_source(source.client_key_ref, sid, "client_key_ref"),
             )
+            key = client.key
+            key_pems = (key.read_bytes() if isinstance(key, Path) else key,)
         ca_ref = source.effective_ca_bundle_ref
         if not ca_ref:
             # The OS trust store is an explicit opt-in, never a silent fallback.
@@ -182,6 +195,7 @@ def build_transport_config(
         max_response_bytes=source.effective_max_response_bytes,
         retry_attempts=attempts,
         budget_s=budget_s if budget_s is not None else default_budget_s(timeout_s, attempts),
+        client_key_pems=key_pems,
     )
 
 
@@ -229,32 +243,46 @@ class SourceClient:
         self,
         config: TransportConfig,
         *,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.config = config
-        self._sleep = sleep
+        self.redactor = Redactor.of(config.bearer_token, config.client_key_pems)
+        self._backend = DeadlineBackend()
+        # Backoff sleeps end early when the request is aborted (the run is stopping).
+        self._sleep = sleep or self._backend.sleep
         self._clock = clock
         self._deadline = clock() + config.budget_s
         self._host = urlsplit(config.base_url).hostname or "?"
-        headers = {"Accept": "application/json", "User-Agent": "billing-collector"}
+        headers = {
+            "Accept": "application/json",
+            "Accept-Encoding": _decode.ACCEPT_ENCODING,
+            "User-Agent": "billing-collector",
+        }
         if config.bearer_token is not None:
             headers["Authorization"] = f"Bearer {config.bearer_token}"
         if config.server_name:
             # Virtual-hosting proxies route by Host; the exporter's name is server_name.
             port = urlsplit(config.base_url).port
             headers["Host"] = f"{config.server_name}:{port}" if port else config.server_name
+        limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
         self._client = httpx.Client(
             verify=config.ssl_context if config.ssl_context is not None else True,
             headers=headers,
             follow_redirects=False,
             timeout=httpx.Timeout(config.timeout_s),
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
-            transport=transport,
+            limits=limits,
+            transport=transport
+            or DeadlineTransport(self._backend, ssl_context=config.ssl_context, limits=limits),
             trust_env=False,  # no proxy or netrc credentials from the environment
         )
         self.requests_made = 0
+        # httpx logs every URL at INFO (seen at -vv), query and cursor included: the
+        # cursor is the exporter's text and may carry the token back.
+        self._log_filter = _RedactingFilter(self.redactor)
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).addFilter(self._log_filter)
 
     # -- context manager --
     def __enter__(self) -> SourceClient:
@@ -270,9 +298,15 @@ class SourceClient:
 
     def close(self) -> None:
         self._client.close()
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).removeFilter(self._log_filter)
 
     def remaining_s(self) -> float:
         return self._deadline - self._clock()
+
+    def abort(self) -> None:
+        """End the request in flight (and refuse new ones) now; safe from any thread."""
+        self._backend.abort()
 
     # -- public API --
     def get_window(self, since_ns: int, until_ns: int, limit: int, cursor: str | None) -> bytes:
@@ -290,7 +324,7 @@ class SourceClient:
 
     # -- internals --
     def _err(self, cls: type[SourceError], message: str) -> SourceError:
-        return cls(self.config.source_id, message)
+        return cls(self.config.source_id, self.redactor.text(message))
 
     def _get(self, path: str, params: dict[str, str]) -> bytes:
         url = self.config.base_url + path
@@ -313,7 +347,7 @@ class SourceClient:
             return planned[n]
 
         def stop(state: tenacity.RetryCallState) -> bool:
-            if state.attempt_number >= attempts:
+            if state.attempt_number >= attempts or self._backend.aborted:
                 return True
             delay, remaining = delay_for(state), self.remaining_s()
             if remaining <= 0:
@@ -358,23 +392,44 @@ class SourceClient:
             raise _reworded(err, _strip_source(err) + f" after {attempts} attempts") from None
 
     def _attempt(self, url: str, params: dict[str, str]) -> bytes:
+        if self._backend.aborted:
+            raise self._err(TransportError, f"request to {self._host} stopped: the run is ending")
         remaining = self.remaining_s()
         if remaining <= 0:
             raise self._err(TransportError, f"time budget of {self.config.budget_s:g}s used up")
         timeout_s = min(self.config.timeout_s, remaining)
+        limit = (
+            f"{timeout_s:g}s"
+            if timeout_s >= self.config.timeout_s
+            else f"{timeout_s:.3g}s, what was left of the time budget of {self.config.budget_s:g}s"
+        )
         extensions: dict[str, Any] = {}
         if self.config.server_name:
             extensions["sni_hostname"] = self.config.server_name
-        request = self._client.build_request(
-            "GET", url, params=params, extensions=extensions, timeout=httpx.Timeout(timeout_s)
-        )
+        try:
+            request = self._client.build_request(
+                "GET", url, params=params, extensions=extensions, timeout=httpx.Timeout(timeout_s)
+            )
+        except (httpx.InvalidURL, ValueError):
+            # Only reachable through an exporter's cursor (the rest is ours): never exit 70.
+            raise self._err(
+                ProtocolError, f"the request to {self._host} could not be built (bad cursor?)"
+            ) from None
         started = self._clock()
         self.requests_made += 1
+        # One deadline for connect, TLS, headers and body together (see _deadline).
+        self._backend.deadline = time.monotonic() + timeout_s
+        try:
+            return self._send(request, started, timeout_s, limit)
+        finally:
+            self._backend.deadline = None
+
+    def _send(self, request: httpx.Request, started: float, timeout_s: float, limit: str) -> bytes:
         try:
             response = self._client.send(request, stream=True)
         except httpx.TimeoutException:
             raise _Retryable(
-                self._err(TransportError, f"request to {self._host} timed out after {timeout_s:g}s")
+                self._err(TransportError, f"request to {self._host} timed out after {limit}")
             ) from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             self._raise_network(exc)
@@ -387,9 +442,7 @@ class SourceClient:
             return self._read(response, started, timeout_s)
         except httpx.TimeoutException:
             raise _Retryable(
-                self._err(
-                    TransportError, f"response from {self._host} timed out after {timeout_s:g}s"
-                )
+                self._err(TransportError, f"response from {self._host} timed out after {limit}")
             ) from None
         except (httpx.TransportError, ssl.SSLError, OSError) as exc:
             self._raise_network(exc, reading=True)
@@ -514,33 +567,88 @@ class SourceClient:
         if length is not None and length.isdigit() and int(length) > cap:
             raise self._err(ResponseTooLargeError, _too_large(cap, f"Content-Length {length}"))
         body = bytearray()
-        for chunk in response.iter_bytes():
-            body += chunk
-            if len(body) > cap:
-                raise self._err(ResponseTooLargeError, _too_large(cap, "streamed body"))
-            if self._clock() - started > timeout_s:
-                raise httpx.ReadTimeout("total request time exceeded")
+        try:
+            for chunk in self._decoded(response, cap, started, timeout_s):
+                body += chunk
+                if len(body) > cap:
+                    raise self._err(ResponseTooLargeError, _too_large(cap, "streamed body"))
+        except _decode.TooLargeError as exc:
+            what = "decompressed body" + (
+                f", encoding layer {exc.layer} of {exc.layers}" if exc.layers > 1 else ""
+            )
+            raise self._err(ResponseTooLargeError, _too_large(cap, what)) from None
         return bytes(body)
 
+    def _decoded(
+        self, response: httpx.Response, cap: int, started: float, timeout_s: float
+    ) -> Iterator[bytes]:
+        """The body, with its Content-Encoding undone under the size cap (``_decode``):
+        httpx's own decoding inflates each network chunk whole, bombs included."""
+        try:
+            codings = _decode.parse_encodings(response.headers.get_list("content-encoding"))
+        except _decode.DecodeError as exc:
+            raise self._err(ProtocolError, f"the response from {self._host}: {exc}") from None
+
+        def clock_check() -> None:
+            if self._clock() - started > timeout_s:
+                raise httpx.ReadTimeout("total request time exceeded")
+
+        raw = response.iter_raw()
+        if not codings:
+            for chunk in raw:
+                yield chunk
+                clock_check()
+            return
+        try:
+            yield from _decode.decoded(raw, codings, cap, clock_check)
+        except _decode.DecodeError as exc:
+            raise self._err(
+                ProtocolError, f"the response from {self._host} could not be decoded ({exc})"
+            ) from None
+
     def _status_error(self, status: int, message: str, body: str) -> HTTPStatusError:
-        return HTTPStatusError(self.config.source_id, message, status=status, body=body)
+        r = self.redactor
+        return HTTPStatusError(
+            self.config.source_id, r.text(message), status=status, body=r.text(body)
+        )
 
     def _error_body(self, response: httpx.Response, started: float, timeout_s: float) -> str:
         """The start of an error response as one printable line, the source's token
         removed (an exporter may echo a header back). Reads at most ``ERROR_BODY_BYTES``."""
         raw = bytearray()
-        for chunk in response.iter_bytes():
-            raw += chunk
-            if len(raw) >= ERROR_BODY_BYTES or self._clock() - started > timeout_s:
-                break
+        try:
+            for chunk in self._decoded(response, ERROR_BODY_BYTES, started, timeout_s):
+                raw += chunk
+                if len(raw) >= ERROR_BODY_BYTES:
+                    break
+        except (_decode.TooLargeError, SourceError, httpx.HTTPError, OSError):
+            pass  # what was read so far is enough to quote; the status is the error
         text = bytes(raw[:ERROR_BODY_BYTES]).decode("utf-8", "replace")
         title = _HTML_TITLE.search(text)
         if title:
             text = title.group(1)
-        if self.config.bearer_token:
-            text = text.replace(self.config.bearer_token, "[redacted]")
+        text = self.redactor.text(text)
         text = "".join(c if c.isprintable() else " " for c in text)
         return one_line(text, ERROR_BODY_CHARS)
+
+
+_HTTP_LOGGERS = ("httpx", "httpcore")
+
+
+class _RedactingFilter(logging.Filter):
+    """Passes httpx's and httpcore's log records through one source's redaction step."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._redactor:
+            text = record.getMessage()
+            clean = self._redactor.text(text)
+            if clean != text:
+                record.msg, record.args = clean, None
+        return True
 
 
 def _client_cert_hint(auth_mode: str) -> str:

@@ -38,7 +38,10 @@ Api = Literal["window", "latest"]
 
 SOURCE_ID_RE = re.compile(r"[A-Za-z0-9._-]+")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
+# The one name accepted as loopback. Not "localhost." (a fully qualified DNS name: the
+# resolver may ask DNS, and a bearer token over plain http could leave the host), nor any
+# other name: only literal loopback addresses and this.
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 # --- single values -------------------------------------------------------------------

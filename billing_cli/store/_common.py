@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict, deque
@@ -30,12 +31,14 @@ from typing import Any, Literal, NamedTuple, cast
 
 import orjson
 
+from billing_cli import _process
 from billing_cli._errors import StoreError
+from billing_cli._interrupt import protected
 from billing_cli._time import NS_PER_SECOND, now_ns
 from billing_cli.core import ledger, periods, rating
 from billing_cli.core.metering import diff_series, minute_of
 from billing_cli.core.statement import Statement
-from billing_cli.core.types import Item, Observation, SeriesKey
+from billing_cli.core.types import Item, Observation, Rejection, SeriesKey
 from billing_cli.pricing import Pricing
 from billing_cli.store import _periods
 from billing_cli.store.base import (
@@ -51,6 +54,8 @@ from billing_cli.store.base import (
     RerateReport,
     RowFilter,
     RunKind,
+    RunOutcome,
+    RunRecord,
     SourceRunResult,
     UsageRow,
 )
@@ -161,6 +166,48 @@ def _item_digest(item: Item) -> bytes | None:
     except TypeError:
         return None
     return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def rejection_events(
+    rejections: list[Rejection], source_id: str | None, run_id: int, now: int
+) -> list[Row]:
+    """Integrity-event rows for a batch's rejections: one per item and reason, with the
+    number of samples it covers (not one per sample: 1,000 samples of an item with a bad
+    ``collected_at`` are one event), at most :data:`MAX_REJECTION_EVENTS_PER_ITEM` per
+    item. Each row ends with its fingerprint (what it says, not when or by which run)."""
+    groups: dict[tuple[int | None, str, str, str], list[Rejection]] = {}
+    for r in rejections:
+        groups.setdefault((r.collected_at_ns, r.node_id, r.env, r.reason), []).append(r)
+    per_item: dict[tuple[int | None, str, str], int] = {}
+    overflow: dict[tuple[int | None, str, str], list[int]] = {}  # item -> [reasons, samples]
+    rows: list[Row] = []
+
+    def row(at: int | None, node: str, env: str, uuid: str, tag: str, detail: str) -> None:
+        digest = hashlib.blake2b(
+            orjson.dumps(["rejected", node, env, uuid, tag, at, detail]), digest_size=16
+        ).digest()
+        rows.append(("rejected", node, env, uuid, tag, at, source_id, run_id, detail, now, digest))
+
+    for (at, node, env, reason), members in groups.items():
+        item = (at, node, env)
+        n = per_item.get(item, 0)
+        per_item[item] = n + 1
+        if n >= MAX_REJECTION_EVENTS_PER_ITEM:
+            slot = overflow.setdefault(item, [0, 0])
+            slot[0] += 1
+            slot[1] += len(members)
+            continue
+        if len(members) == 1:
+            only = members[0]
+            row(at, node, env, only.uuid, only.inbound_tag, reason)
+        else:
+            tags = {m.inbound_tag for m in members}
+            row(at, node, env, "", tags.pop() if len(tags) == 1 else "",
+                f"{reason} ({len(members)} samples)")  # fmt: skip
+    for (at, node, env), (reasons, samples) in overflow.items():
+        row(at, node, env, "", "", f"{samples} more rejected samples of this item, "
+            f"{reasons} other reasons")  # fmt: skip
+    return rows
 
 
 def _late_row(series_id: int, obs: list[Observation]) -> Row:
@@ -277,6 +324,16 @@ _EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
     " source_id, run_id, detail, created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
+# Rejection events carry a fingerprint: the same rejection delivered again (the overlap
+# of every pull) is not stored twice.
+_REJECTION_EVENT_SQL = (
+    "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
+    " source_id, run_id, detail, created_at_ns, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (fingerprint) DO NOTHING"
+)
+# At most this many rejection events per item (one per distinct reason); the rest of an
+# item's reasons are summed up in one more.
+MAX_REJECTION_EVENTS_PER_ITEM = 20
 _SERIES_COLS = (
     "s.series_id, s.node_id, s.env, s.uuid, s.inbound_tag, s.email,"
     " s.head_collected_at_ns, s.head_uplink, s.head_downlink, s.head_epoch"
@@ -373,8 +430,9 @@ class SqlStore:
     @contextmanager
     def _guard(self, what: str, *, lock: bool = True) -> Iterator[None]:
         # Readers that stream rows (iter_usage/iter_ledger) do not hold the lock while
-        # suspended: a consumer may stop iterating at any point.
-        with self._lock if lock else nullcontext():
+        # suspended: a consumer may stop iterating at any point. Every other operation
+        # ends (commits or rolls back) before a stop signal takes effect (_interrupt).
+        with self._lock if lock else nullcontext(), protected() if lock else nullcontext():
             try:
                 yield
             except self.db.errors as exc:
@@ -510,11 +568,13 @@ class SqlStore:
     # --- runs ---------------------------------------------------------------------------
 
     def start_run(self, kind: RunKind, sources: list[str], actor: str | None = None) -> int:
+        # The process is recorded so that a run killed before it could finish is seen as
+        # abandoned (its process is gone) rather than as running forever.
         with self._guard("start a run"), self._tx():
             rows = self.db.execute(
-                "INSERT INTO runs (kind, sources, started_at_ns, actor) VALUES (?,?,?,?)"
-                " RETURNING run_id",
-                (kind, json.dumps(sources), now_ns(), actor),
+                "INSERT INTO runs (kind, sources, started_at_ns, actor, pid, host)"
+                " VALUES (?,?,?,?,?,?) RETURNING run_id",
+                (kind, json.dumps(sources), now_ns(), actor, os.getpid(), _process.this_host()),
             )
             return int(rows[0][0])
 
@@ -561,13 +621,39 @@ class SqlStore:
                 kind=cast(RunKind, row[2]),
                 started_at_ns=int(row[3]),
                 finished_at_ns=int(row[4]),
-                outcome=cast(Literal["ok", "failed", "skipped"], row[5]),
+                outcome=cast(RunOutcome, row[5]),
                 counts={str(k): int(v) for k, v in json.loads(row[6]).items()},
                 error=row[7],
                 top_rejection=row[8],
             )
             for row in rows
         }
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        with self._guard("read runs"):
+            rows = self.db.execute(
+                "SELECT run_id, kind, sources, started_at_ns, pid, host FROM runs"
+                " WHERE outcome IS NULL ORDER BY run_id"
+            )
+        out: list[RunRecord] = []
+        for r in rows:
+            pid = None if r[4] is None else int(r[4])
+            started = int(r[3])
+            out.append(
+                RunRecord(
+                    run_id=int(r[0]),
+                    kind=cast(RunKind, r[1]),
+                    sources=[str(x) for x in json.loads(r[2])],
+                    started_at_ns=started,
+                    pid=pid,
+                    host=r[5],
+                    process_gone=_process.process_gone(pid, r[5], started),
+                )
+            )
+        return out
+
+    def abandoned_runs(self) -> list[RunRecord]:
+        return [r for r in self.unfinished_runs() if r.process_gone]
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -764,6 +850,34 @@ class SqlStore:
         ids = [source_id] if isinstance(source_id, str) else list(dict.fromkeys(source_id))
         conds.append(f"source_id IN ({','.join('?' * len(ids))})" if ids else "1 = 0")
         params.extend(ids)
+
+    def record_identity_mismatch(
+        self,
+        *,
+        source_id: str,
+        node_id: str,
+        env: str,
+        collected_at_ns: int | None,
+        run_id: int | None,
+        detail: str,
+    ) -> bool:
+        with self._guard("record an integrity event"), self.db.transaction():
+            last = self.db.execute(
+                "SELECT node_id, env, created_at_ns FROM integrity_events WHERE source_id = ?"
+                " AND kind = 'identity_mismatch' ORDER BY id DESC LIMIT 1",
+                (source_id,),
+            )
+            if last and (last[0][0], last[0][1]) == (node_id, env):
+                ok = self.db.execute(
+                    "SELECT last_succeeded_at_ns FROM source_checkpoints WHERE source_id = ?",
+                    (source_id,),
+                )
+                succeeded = ok[0][0] if ok else None
+                if succeeded is None or int(succeeded) < int(last[0][2]):
+                    return False  # the same claim, still going on: recorded already
+            row = ("identity_mismatch", node_id, env, "", "", collected_at_ns, source_id, run_id)
+            self.db.execute(_EVENT_SQL, (*row, detail, now_ns()))
+            return True
 
     def iter_integrity_events(
         self,
@@ -1090,21 +1204,7 @@ class SqlStore:
             report.rejection_reasons[r.reason] = report.rejection_reasons.get(r.reason, 0) + 1
         items, skipped, remember = self._skip_applied_items(batch.items)
         report.duplicates += skipped
-        events: list[Row] = [
-            (
-                "rejected",
-                r.node_id,
-                r.env,
-                r.uuid,
-                r.inbound_tag,
-                r.collected_at_ns,
-                source_id,
-                run_id,
-                r.reason,
-                now,
-            )
-            for r in batch.rejections
-        ]
+        events: list[Row] = []  # conflicts and anomalies found while metering
 
         per_key, emails = _group_by_series(items)
         report.samples = skipped + sum(len(it.samples) for it in items)
@@ -1126,6 +1226,11 @@ class SqlStore:
 
         if events:
             self.db.executemany(_EVENT_SQL, events)
+        if batch.rejections:
+            self.db.executemany(
+                _REJECTION_EVENT_SQL,
+                rejection_events(batch.rejections, source_id, run_id, now),
+            )
         if batch.checkpoint is not None:
             cp = batch.checkpoint
             self.db.execute(

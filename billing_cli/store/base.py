@@ -18,6 +18,10 @@ from billing_cli.core.types import Item, Rejection, SeriesKey
 from billing_cli.pricing import Pricing
 
 RunKind = Literal["collect", "reconcile", "ingest", "demo", "period_close", "rerate"]
+# How a source ended in a run: "interrupted" when the run was stopped (Ctrl-C, SIGTERM)
+# before the source finished; "abandoned" is only ever shown, for a run whose process is
+# gone without recording an outcome (killed).
+RunOutcome = Literal["ok", "failed", "skipped", "interrupted", "abandoned"]
 IntegrityKind = Literal["conflict", "anomaly", "rejected", "identity_mismatch"]
 INTEGRITY_KINDS: tuple[IntegrityKind, ...] = (
     "conflict",
@@ -248,10 +252,25 @@ class SourceRunResult:
     kind: RunKind
     started_at_ns: int
     finished_at_ns: int
-    outcome: Literal["ok", "failed", "skipped"]
+    outcome: RunOutcome
     counts: dict[str, int]
     error: str | None
     top_rejection: str | None = None  # the most frequent rejection reason of the run
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A row of ``runs`` that has no outcome: still running, or abandoned by a killed
+    process. ``process_gone``: True when its process is known to be gone (this host
+    checked), False while it runs, None when unknown (another host, or no pid recorded)."""
+
+    run_id: int
+    kind: RunKind
+    sources: list[str]
+    started_at_ns: int
+    pid: int | None
+    host: str | None
+    process_gone: bool | None
 
 
 @dataclass(frozen=True)
@@ -289,6 +308,14 @@ class Store(Protocol):
     ) -> None: ...
 
     def last_source_results(self) -> dict[str, SourceRunResult]: ...
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        """Runs without an outcome, oldest first, each with whether its process is gone."""
+        ...
+
+    def abandoned_runs(self) -> list[RunRecord]:
+        """The unfinished runs whose process is known to be gone (killed): for status."""
+        ...
 
     # writes -------------------------------------------------------------------------
     def apply(self, batch: Batch) -> ApplyReport: ...
@@ -368,6 +395,22 @@ class Store(Protocol):
         detail: str,
     ) -> None:
         """Own transaction: one event found outside ``apply`` (e.g. an identity mismatch)."""
+        ...
+
+    def record_identity_mismatch(
+        self,
+        *,
+        source_id: str,
+        node_id: str,
+        env: str,
+        collected_at_ns: int | None,
+        run_id: int | None,
+        detail: str,
+    ) -> bool:
+        """Own transaction: an ``identity_mismatch`` event, once per distinct claim. Not
+        recorded (False) when the source's latest such event claims the same node_id/env
+        and the source has not succeeded since: a mis-identified source retried every
+        minute is one event, not 1,440 a day."""
         ...
 
     def iter_integrity_events(

@@ -11,25 +11,24 @@ after all others needs no scan of the period. ``item_digests`` (version 2) remem
 digest of each recent item applied whole, so the overlap a pull re-delivers every minute
 is recognised without reading its observations back. Version 3 adds what health needs
 to be measured from the data: each source's newest ``collected_at`` received, and each
-run's most frequent rejection reason.
-The accounting-periods step gives every posting its accounting period
-(``period_start_ns``) and its byte differences, and adds ``closed_periods`` /
-``closed_period_accounts`` (a close is final).
+run's most frequent rejection reason. Version 4 gives every posting its accounting
+period (``period_start_ns``) and its byte differences, and adds ``closed_periods`` /
+``closed_period_accounts`` (a close is final). Version 5 records which process runs a
+run (so a run whose process is gone shows as abandoned) and a fingerprint per
+rejection event (so the overlap re-delivering a bad item does not store its
+rejection again).
 
-Migrations are a list of steps; ``schema_version`` records the applied version. A
-database whose version is newer than :data:`SCHEMA_VERSION` is refused (StoreError).
+Migrations are a list of steps; a step's version is its position in :data:`_STEPS` (so
+renumbering when branches merge is moving a line); ``schema_version`` records the applied
+version. A database whose version is newer than :data:`SCHEMA_VERSION` is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 Dialect = Literal["sqlite", "postgres"]
-
-# Accounting periods (issue 11) are one self-contained step: renumber it freely when
-# merging beside other migrations. SCHEMA_VERSION is the highest version of migrations().
-PERIODS_VERSION = 4
-SCHEMA_VERSION = 4
 
 # Tokens rendered per dialect: {BIGINT} integer column, {ID} auto-increment primary key,
 # {WR} the SQLite "WITHOUT ROWID" suffix (rows clustered by primary key).
@@ -239,13 +238,28 @@ ALTER TABLE run_sources ADD COLUMN top_rejection TEXT;
 """
 
 
+# Runs and their processes; integrity events remembered by fingerprint. ``runs.pid`` and
+# ``runs.host`` name the process that started a run: a run without an outcome whose
+# process is gone was killed (SIGKILL, OOM, power) and is *abandoned*. A rejection event's
+# ``fingerprint`` (a digest of what it says, not of when or by which run) is unique, so a
+# rejection the next pull's overlap re-delivers is not stored again; other events have
+# none (NULLs never collide). The indexes serve "the open runs" and "a source's latest
+# identity mismatch" (one event per distinct claim).
+_RUN_PROCESS_AND_EVENT_FINGERPRINTS = """
+ALTER TABLE runs ADD COLUMN pid {BIGINT};
+ALTER TABLE runs ADD COLUMN host TEXT;
+CREATE INDEX runs_unfinished ON runs (run_id) WHERE outcome IS NULL;
+ALTER TABLE integrity_events ADD COLUMN fingerprint {BLOB};
+CREATE UNIQUE INDEX integrity_events_fingerprint ON integrity_events (fingerprint);
+CREATE INDEX integrity_events_by_source ON integrity_events (source_id, kind, id);
+"""
+
+
 def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";\n") if s.strip()]
 
 
-# --- accounting periods (issue 11) ------------------------------------------------------
-# Self-contained: it only touches ledger_postings, buckets, runs and its own tables, so it
-# can take any version number (PERIODS_VERSION) when merged beside other migrations.
+# --- accounting periods (version 4) -----------------------------------------------------
 
 # The month (UTC) containing integer nanoseconds {c}, as the nanoseconds of its first
 # instant — the same value as billing_cli.core.periods.period_of. Bucket starts are whole
@@ -378,12 +392,21 @@ def _render_periods(dialect: Dialect) -> list[str]:
     ]
 
 
+def _ddl(script: str) -> Callable[[Dialect], list[str]]:
+    return lambda dialect: _split(script.format(**_TOKENS[dialect]))
+
+
+# Schema versions in order: version N is _STEPS[N - 1].
+_STEPS: list[Callable[[Dialect], list[str]]] = [
+    _render_v1,
+    _ddl(_V2_TABLES),
+    _ddl(_V3_COLUMNS),
+    _render_periods,
+    _ddl(_RUN_PROCESS_AND_EVENT_FINGERPRINTS),
+]
+SCHEMA_VERSION = len(_STEPS)
+
+
 def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:
     """``(version, statements)`` steps in order; apply those above the stored version."""
-    tokens = _TOKENS[dialect]
-    return [
-        (1, _render_v1(dialect)),
-        (2, _split(_V2_TABLES.format(**tokens))),
-        (3, _split(_V3_COLUMNS.format(**tokens))),
-        (PERIODS_VERSION, _render_periods(dialect)),
-    ]
+    return [(version, step(dialect)) for version, step in enumerate(_STEPS, start=1)]
