@@ -8,6 +8,7 @@ cursor too long for a URL, and the bearer token echoed back in an error body.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -208,3 +209,48 @@ def test_a_stacked_gzip_bomb_keeps_a_collect_process_near_the_cap(
     assert "max_response_bytes 1048576" in doc["sources"][0]["error"]
     peak_mib = usage.ru_maxrss / 1024  # KiB on Linux
     assert peak_mib < 200, f"peak RSS {peak_mib:.0f} MiB for a 1 MiB cap"
+
+
+def test_request_timeout_bounds_name_resolution(
+    hostile: HostileExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DNS server that never answers: getaddrinfo has no timeout of its own."""
+    real = socket.getaddrinfo
+
+    def stuck(host: str, *args: Any, **kw: Any) -> Any:
+        if host == "localhost":
+            time.sleep(30)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", stuck)
+    url = hostile.base_url.replace("127.0.0.1", "localhost")
+    with SourceClient(config(hostile, base_url=url, timeout_s=1.0)) as client:
+        out, elapsed = timed_get(client, within_s=8)
+    assert isinstance(out, TransportError), out
+    assert "timed out after 1s" in str(out)
+    assert elapsed < 3.0
+
+
+def test_a_name_is_resolved_and_every_address_tried(
+    hostile: HostileExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first address refuses the connection: the next one is tried, like
+    socket.create_connection does."""
+    real = socket.getaddrinfo
+    port = int(hostile.base_url.rsplit(":", 1)[1])
+
+    def two(host: str, *args: Any, **kw: Any) -> Any:
+        if host == "localhost":
+            dead = ("127.0.0.2", 1)  # nothing listens there
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", dead),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            ]
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    hostile.handler = lambda req: Reply(body=window_page([]))
+    url = hostile.base_url.replace("127.0.0.1", "localhost")
+    with SourceClient(config(hostile, base_url=url)) as client:
+        out, _ = timed_get(client, within_s=8)
+    assert isinstance(out, bytes), out

@@ -5,9 +5,9 @@ response headers one byte a second never trips a 5 s read timeout, and a run wai
 as the exporter likes. This module is an httpcore *network backend* (httpcore's documented
 extension point) whose streams give every connect, TLS handshake, read and write only
 what is left of the current request's deadline, so ``request_timeout`` (and the source's
-time budget) bounds connect + TLS + headers + body together. CPython's socket and TLS
-calls treat a timeout as a deadline for the whole call (a TLS handshake fed one byte at a
-time included), so the bound is tight.
+time budget) bounds name resolution + connect + TLS + headers + body together. CPython's
+socket and TLS calls treat a timeout as a deadline for the whole call (a TLS handshake fed
+one byte at a time included), so the bound is tight.
 
 :meth:`DeadlineBackend.abort` shuts the open sockets down, which wakes a thread blocked in
 ``recv``: an interrupted run (Ctrl-C, SIGTERM) need not wait for a stuck exporter.
@@ -16,6 +16,7 @@ time included), so the bound is tight.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import ssl
 import threading
@@ -85,12 +86,55 @@ class DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.NetworkStream:
-        t = self.timeout(timeout, httpcore.ConnectTimeout)
-        return self.track(
-            self._inner.connect_tcp(
-                host, port, t, local_address=local_address, socket_options=socket_options
-            )
-        )
+        # The name is resolved first, within the deadline too: the system resolver has no
+        # timeout of its own here, and a stuck DNS server would otherwise hold the request.
+        addresses = self._resolve(host, port, self.timeout(timeout, httpcore.ConnectTimeout))
+        error: httpcore.ConnectError | None = None
+        for address in addresses:
+            t = self.timeout(timeout, httpcore.ConnectTimeout)
+            try:
+                stream = self._inner.connect_tcp(
+                    address, port, t, local_address=local_address, socket_options=socket_options
+                )
+            except httpcore.ConnectError as exc:
+                error = exc  # the next address, as socket.create_connection would
+                continue
+            return self.track(stream)
+        raise error or httpcore.ConnectError(f"no address for {host}")
+
+    def _resolve(self, host: str, port: int, timeout: float | None) -> list[str]:
+        """The addresses of ``host`` in the resolver's order, waiting at most ``timeout``.
+
+        ``getaddrinfo`` cannot be interrupted; it runs in a daemon thread that is simply
+        left behind when the deadline passes (it ends when the resolver gives up).
+        """
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return [host]
+        found: list[str] = []
+        failure: list[OSError] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                found.extend(dict.fromkeys(str(info[4][0]) for info in infos))
+            except OSError as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=lookup, name="billing-resolve", daemon=True).start()
+        if not done.wait(timeout):
+            raise httpcore.ConnectTimeout(f"resolving {host} took longer than the time left")
+        if failure:
+            raise httpcore.ConnectError(f"cannot resolve {host} ({failure[0]})")
+        if not found:
+            raise httpcore.ConnectError(f"no address for {host}")
+        return found
 
     def connect_unix_socket(
         self,
