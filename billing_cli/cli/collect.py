@@ -64,8 +64,9 @@ collecting is skipped, not failed. A source whose collect_interval has not elaps
 its last attempt is not due and is skipped quietly (unless named with --source).
 
 Exit codes: 0 all processed sources ok; 1 at least one source failed (the others were
-still committed); 2 configuration error; 75 every selected source was skipped because
-other runs hold their locks.
+still committed); 2 configuration error; 4 database error; 75 every selected source was
+skipped because other runs hold their locks; 130 / 143 stopped by Ctrl-C / SIGTERM (the
+page being applied committed or rolled back, the run recorded as interrupted).
 
 Examples:
 

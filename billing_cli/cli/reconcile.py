@@ -83,7 +83,8 @@ so it never blocks collect), which makes it a comparison tool: e.g. during the m
 EXPORTER_BASE_URL to the registry.
 
 Exit codes: 0 done (holes are reported, not failures); 1 a source failed; 2 bad flags or
-registry; 75 every selected source is held by another run.
+registry; 4 database error; 75 every selected source is held by another run; 130 / 143
+stopped by Ctrl-C / SIGTERM.
 
 Examples:
 
