@@ -176,7 +176,11 @@ def parse_time_arg(text: str, *, now: int | None = None) -> int:
 
 
 def shown(text: str, max_chars: int = 60) -> str:
-    """``text`` quoted for an error message, cut so that no input can flood a message."""
+    """``text`` quoted for an error message, cut so that no input can flood a message.
+
+    A cut value ends with ``…`` inside its quotes, right after the last character kept:
+    the redaction of remote text recognises a secret cut there by that mark.
+    """
     if len(text) <= max_chars:
         return repr(text)
-    return repr(text[: max_chars - 1]) + "…"
+    return repr(text[: max_chars - 1] + "…")

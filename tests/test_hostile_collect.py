@@ -220,6 +220,9 @@ def echo(mode: str, t: int) -> Any:
             return Reply(body=window_page([item(f"{tok}T", [sample("u1", 1, 1)])]))
         if mode == "long_collected_at":  # cut inside the token when quoted
             return Reply(body=window_page([item("z" * 190 + tok * 3, [sample()])]))
+        if mode.startswith("cut_at_"):  # 61..64 characters: the time parser's quote cuts
+            n = int(mode.removeprefix("cut_at_"))  # it at 59, inside the token
+            return Reply(body=window_page([item(("z" * n + tok)[-n:], [sample()])]))
         if mode == "sample":
             s = sample(f"id-{tok}", 5, 5, email=f"{tok}@x")
             return Reply(body=window_page([item(t, [s, sample("fine", 5, 5)])]))
@@ -240,7 +243,8 @@ def echo(mode: str, t: int) -> Any:
 
 
 MODES = ["error_body", "window_start", "node_id", "item_node_id", "collected_at",
-         "long_collected_at", "sample", "escaped", "cursor"]  # fmt: skip
+         "long_collected_at", "cut_at_61", "cut_at_64", "sample", "escaped",
+         "cursor"]  # fmt: skip
 
 
 def test_a_secret_echoed_by_the_exporter_is_never_printed_or_stored(
@@ -263,6 +267,7 @@ def test_a_secret_echoed_by_the_exporter_is_never_printed_or_stored(
     assert TOKEN not in joined
     assert TOKEN[:12] not in joined  # not even the start of it, where a quote was cut
     assert TOKEN.encode() not in dump(db_url)
+    assert TOKEN[:12].encode() not in dump(db_url)
     # The sample carrying the token was rejected, the other one kept.
     usage = run.json("usage", code=0)
     assert {u["uuid"] for u in usage} <= {"u1", "fine", "ok"}

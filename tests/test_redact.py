@@ -34,6 +34,8 @@ def test_a_quote_cut_inside_the_secret_loses_the_cut_part_too() -> None:
     r = Redactor.of(TOKEN)
     assert r.text(f"'zzz{TOKEN[:9]}…' (400 characters)") == "'zzz[redacted]…' (400 characters)"
     assert r.text("'abc…'") == "'abc…'"  # too short to be a part of anything
+    # The mark after the closing quote, as an older quoting wrote it.
+    assert r.text(f"got 'zz{TOKEN[:20]}'… instead") == "got 'zz[redacted]'… instead"
 
 
 def test_no_secrets_changes_nothing() -> None:

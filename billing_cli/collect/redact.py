@@ -82,13 +82,16 @@ class Redactor:
 
     def _cut_prefixes(self, text: str) -> str:
         """A value cut short for quoting (``…``) may end inside a secret: its first
-        characters are a part of the secret all the same."""
+        characters are a part of the secret all the same. The mark may follow the cut
+        directly (``'abc…'``) or after its closing quote (``'abc'…``)."""
         parts = text.split(ELLIPSIS)
         for i, part in enumerate(parts[:-1]):
+            body = part.rstrip("'\"")
+            quotes = part[len(body) :]
             for secret in self.secrets:
-                for k in range(min(len(secret) - 1, len(part)), _MIN_PREFIX - 1, -1):
-                    if part.endswith(secret[:k]):
-                        parts[i] = part[:-k] + REDACTED
+                for k in range(min(len(secret) - 1, len(body)), _MIN_PREFIX - 1, -1):
+                    if body.endswith(secret[:k]):
+                        parts[i] = body[:-k] + REDACTED + quotes
                         break
                 else:
                     continue
