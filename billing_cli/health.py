@@ -119,14 +119,14 @@ def classify(
     elif consecutive_failures > 0:
         degraded.append(f"{consecutive_failures} consecutive failure(s)")
     share = delivery.refused_share if delivery is not None else None
-    if delivery is not None and share is not None and share > max_refused_share:
+    if delivery is not None and share is not None:
         why = f": {delivery.top_refusal}" if delivery.top_refusal else ""
-        if delivery.samples == 0:
+        if delivery.samples == 0:  # whatever max_refused_share says: nothing is billed
             failing.append(
                 f"nothing billable: all {delivery.refused:,} samples of the last run "
                 f"were refused{why}"
             )
-        else:
+        elif share > max_refused_share:
             total = delivery.samples + delivery.refused
             degraded.append(
                 f"{delivery.refused:,} of {total:,} samples of the last run refused "

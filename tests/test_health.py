@@ -130,6 +130,20 @@ def test_refused_samples(samples: int, refused: int, expected: Health) -> None:
         )
 
 
+def test_all_refused_is_failing_whatever_the_allowed_share() -> None:
+    v = classify(
+        enabled=True,
+        collected_successfully=True,
+        consecutive_failures=0,
+        freshness=Freshness(NOW, None),
+        delivery=Delivery(0, 50, "bad"),
+        now_ns=NOW,
+        max_lag_s=MAX_LAG,
+        max_refused_share=1.0,
+    )
+    assert v.health is Health.FAILING
+
+
 def test_lag_is_never_negative_and_none_without_a_reference() -> None:
     assert lag_seconds(NOW, NOW + 5 * NS_PER_SECOND) == 0
     assert lag_seconds(NOW, None) is None
