@@ -21,7 +21,9 @@ _RFC3339 = re.compile(
 )
 _DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})", re.ASCII)
 _NO_ZONE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?", re.ASCII)
-_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)", re.ASCII)
+# At most 30 digits a number: anything longer is no duration (and int() of thousands of
+# digits would raise instead of saying so).
+_DURATION = re.compile(r"(\d{1,30})(ms|s|m|h|d)", re.ASCII)
 _DURATION_NS = {
     "ms": 1_000_000,
     "s": NS_PER_SECOND,

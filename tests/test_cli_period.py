@@ -96,10 +96,10 @@ def test_a_period_that_has_not_ended_is_refused_with_its_end(
     cli: Any, db_url: str, tmp_path: Path
 ) -> None:
     base, _ = setup(tmp_path, cli, db_url)
-    res = cli(*base, "period", "close", "2999-01")
+    res = cli(*base, "period", "close", "2200-01")
     assert res.exit_code == 2
     assert res.stderr == (
-        "error: period 2999-01 has not ended: it ends at 2999-02-01T00:00:00Z; "
+        "error: period 2200-01 has not ended: it ends at 2200-02-01T00:00:00Z; "
         "close it after that\n"
     )
     assert _json(cli(*base, "period", "list", "--json"))[-1]["state"] == "open"
@@ -207,3 +207,23 @@ def test_missing_database_is_not_created(cli: Any, tmp_path: Path) -> None:
         res = cli("--db", str(tmp_path / "none.db"), "period", *args)
         assert res.exit_code == 4
     assert not (tmp_path / "none.db").exists()
+
+
+def test_close_warns_about_registered_sources_that_never_collected(
+    cli: Any, db_url: str, tmp_path: Path
+) -> None:
+    base, _ = setup(tmp_path, cli, db_url)
+    registry = tmp_path / "sources.toml"
+    registry.write_text(
+        '[defaults]\nca_bundle_ref = "system"\n'
+        '[[sources]]\nsource_id = "never"\nnode_id = "n"\nenv = "prod"\n'
+        'base_url = "https://n.example.net"\nauth_mode = "bearer"\ncredential_ref = "env:T"\n'
+        '[[sources]]\nsource_id = "off"\nnode_id = "o"\nenv = "prod"\nenabled = false\n'
+        'base_url = "https://o.example.net"\nauth_mode = "bearer"\ncredential_ref = "env:T"\n'
+    )
+    res = cli(*base, "--registry", str(registry), "period", "close", "2025-11")
+    assert res.exit_code == 0, res.output
+    assert res.stderr == (
+        "warning: source 'never' has collected nothing yet: its later data for 2025-11 will "
+        "be carried into 2025-12 or later\n"
+    )

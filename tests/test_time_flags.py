@@ -220,3 +220,34 @@ def test_the_cli_answers_every_time_value_with_rows_or_one_error_line(
     lines = res.stderr.splitlines()
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: "), res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("usage", "--since", "9" * 5000 + "d"),
+        ("usage", "--until", "1" * 4400 + "s"),
+        ("integrity", "list", "--since", "9" * 5000 + "h"),
+        ("integrity", "ack", "9" * 5000),
+        ("usage", "--period", "9999-12"),
+        ("usage", "--period", "2262-04"),
+        ("statement", "--period", "1677-09"),
+        ("ledger", "--period", "0001-01"),
+        ("period", "close", "9999-12"),
+        ("usage", "--period", "٢٠٢٦-١١"),  # Arabic-Indic digits
+    ],
+)
+def test_absurd_numbers_and_periods_are_flag_errors(
+    cli: CliRunnerFn, db: str, args: tuple[str, ...]
+) -> None:
+    res = cli("--db", db, *args)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("error: ")
+    assert len(res.stderr) < 400
+
+
+def test_the_first_and_last_storable_periods_are_accepted(cli: CliRunnerFn, db: str) -> None:
+    for period in ("1677-10", "2262-03"):
+        res = cli("--db", db, "usage", "--period", period, "--json")
+        assert res.exit_code == 0, res.output

@@ -74,6 +74,8 @@ def id_flag(what: str, value: str) -> int:
     text = value.strip()
     if not _DIGITS.fullmatch(text):
         raise UsageError(f"{what} {shown(value)} is not a number")
+    if len(text.lstrip("0")) > len(str(MAX_ID)):  # before int(): it refuses 4,300+ digits
+        raise UsageError(f"{what} {shown(value)} is out of range (1 .. {MAX_ID})")
     n = int(text)
     if not 1 <= n <= MAX_ID:
         raise UsageError(f"{what} {shown(value)} is out of range (1 .. {MAX_ID})")

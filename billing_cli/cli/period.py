@@ -208,15 +208,22 @@ def close_command(
     actor = (by if by is not None else _default_actor()).strip()
     if not actor:
         raise UsageError("--by: must not be empty (who closes the period)")
+    # The registry is optional here, but when there is one its enabled sources that have
+    # never collected are behind too (read before the close: a broken one stops nothing yet).
+    registered: list[str] = []
+    if app_ctx.registry_explicit or app_ctx.registry_path.exists():
+        registered = [s.source_id for s in app_ctx.load_registry().enabled_sources()]
     with open_store_for_writing(app_ctx) as store:
         close, made = store.close_period(period_ns, actor=actor, now_ns=now_ns())
         st = store.statement(period_ns, RowFilter())
         end = period_end_ns(period_ns)
-        behind = [
-            cp
-            for cp in (store.list_checkpoints() if made else [])
-            if cp.last_successful_until_ns is None or cp.last_successful_until_ns < end
-        ]
+        checkpoints = {cp.source_id: cp for cp in store.list_checkpoints()} if made else {}
+    behind: list[tuple[str, int | None]] = []
+    for sid in sorted(set(checkpoints) | (set(registered) if made else set())):
+        cp = checkpoints.get(sid)
+        until = cp.last_successful_until_ns if cp is not None else None
+        if until is None or until < end:
+            behind.append((sid, until))
     name = format_period(period_ns)
     if as_json:
         doc = {
@@ -248,14 +255,10 @@ def close_command(
         )
     if behind and not app_ctx.quiet:
         nxt = format_period(next_period(period_ns))
-        for cp in behind:
-            upto = (
-                "nothing yet"
-                if cp.last_successful_until_ns is None
-                else f"only up to {format_rfc3339_ns(cp.last_successful_until_ns)}"
-            )
+        for sid, until in behind:
+            upto = "nothing yet" if until is None else f"only up to {format_rfc3339_ns(until)}"
             app_ctx.err.print(
-                f"warning: source '{cp.source_id}' has collected {upto}: its later data for "
+                f"warning: source '{sid}' has collected {upto}: its later data for "
                 f"{name} will be carried into {nxt} or later",
                 markup=False,
                 highlight=False,

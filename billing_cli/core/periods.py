@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from billing_cli._time import NS_PER_SECOND, datetime_to_ns
 
-_PERIOD = re.compile(r"(\d{4})-(\d{2})")
+_PERIOD = re.compile(r"(\d{4})-(\d{2})", re.ASCII)
 
 
 class PeriodFormatError(ValueError):
@@ -44,12 +44,24 @@ def period_end_ns(period: int) -> int:
     return next_period(period)
 
 
+# The periods whose whole month the store can hold (64-bit nanoseconds: 1677-09-21 ..
+# 2262-04-11): a period's start and its end must both be representable.
+FIRST_PERIOD = (1677, 10)
+LAST_PERIOD = (2262, 3)
+
+
 def parse_period(text: str) -> int:
     """``YYYY-MM`` -> the period's start."""
     m = _PERIOD.fullmatch(text)
     if m is None or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 1:
-        raise PeriodFormatError(f"not a period: {text!r} (expected YYYY-MM, e.g. 2026-11)")
-    return datetime_to_ns(datetime(int(m.group(1)), int(m.group(2)), 1, tzinfo=UTC))
+        raise PeriodFormatError(f"not a period: {text[:40]!r} (expected YYYY-MM, e.g. 2026-11)")
+    year, month = int(m.group(1)), int(m.group(2))
+    if not FIRST_PERIOD <= (year, month) <= LAST_PERIOD:
+        first, last = (f"{y:04d}-{mo:02d}" for y, mo in (FIRST_PERIOD, LAST_PERIOD))
+        raise PeriodFormatError(
+            f"{text!r} is outside the periods billing can store ({first} .. {last})"
+        )
+    return datetime_to_ns(datetime(year, month, 1, tzinfo=UTC))
 
 
 def format_period(period: int) -> str:
