@@ -359,6 +359,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("120") == 120.0
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
+    assert parse_retry_after("²") is None  # a Unicode digit str.isdigit() accepts
+    assert parse_retry_after("9" * 5000) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import random
 import re
 import ssl
@@ -80,6 +81,8 @@ WINDOW_PATH = "/v1/snapshots/window"
 LATEST_PATH = "/v1/snapshots/latest"
 # A bearer token must be visible ASCII (RFC 6750 b64token is narrower; be lenient but safe).
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+# An HTTP delta-seconds or Content-Length: ASCII digits only (str.isdigit() takes '²').
+_SECONDS = re.compile(r"[0-9]{1,18}")
 # Backoff between attempts: exponential with full jitter, 0.5 s base, 10 s ceiling.
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -224,7 +227,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -356,7 +359,8 @@ class SourceClient:
             if delay >= remaining:
                 # Sleeping would end past the budget (e.g. a long Retry-After): give up now
                 # rather than burn what is left of the source's time.
-                budget_hit.append(f"next retry in {delay:.0f}s is past it")
+                when = f"{delay:.0f}s" if math.isfinite(delay) else "an endless wait"
+                budget_hit.append(f"next retry in {when} is past it")
                 return True
             return False
 
@@ -564,7 +568,7 @@ class SourceClient:
             )
         cap = self.config.max_response_bytes
         length = response.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cap:
+        if length is not None and _SECONDS.fullmatch(length) and int(length) > cap:
             raise self._err(ResponseTooLargeError, _too_large(cap, f"Content-Length {length}"))
         body = bytearray()
         try:
