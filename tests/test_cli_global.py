@@ -280,3 +280,18 @@ def test_completion_through_a_real_bash(words: str, expected: set[str]) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert set(res.stdout.split()) == expected, res.stdout
+
+
+def test_a_db_path_no_file_system_can_hold_is_a_flag_error(cli: Any) -> None:
+    for path in ("x" * 100_000, "d/" + "y" * 300 + ".db"):
+        res = cli("--db", path, "usage")
+        assert res.exit_code == 2, res.output
+        assert res.stderr.startswith("error: --db: the path")
+        assert len(res.stderr) < 300
+
+
+def test_a_malformed_postgres_url_never_shows_its_password(cli: Any) -> None:
+    res = cli("--db", "postgresql://u:s3cretpw@[::1", "usage")
+    assert res.exit_code == 4, res.output
+    assert "s3cretpw" not in res.output
+    assert res.stderr.count("\n") == 1

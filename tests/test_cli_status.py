@@ -722,3 +722,19 @@ def test_pricing_is_reported_so_zero_prices_are_never_silent(
     assert doc["pricing"] == "configured"
     res = cli("status", "--registry", str(registry), "--db", db)
     assert "pricing:" not in res.stdout
+
+
+@pytest.mark.parametrize("target", ["DIR", "/proc/billing.prom", "", "/nonexistent/b.prom"])
+def test_output_that_cannot_be_written_is_one_flag_error(
+    cli: Any, registry: Path, tmp_path: Path, target: str
+) -> None:
+    db = str(tmp_path / "billing.db")
+    seed(db, "a", lag_s=5)
+    if target == "DIR":
+        (tmp_path / "dir").mkdir()
+        target = str(tmp_path / "dir")
+    res = cli("status", "--registry", str(registry), "--db", db, "-s", "a", "--format",
+              "openmetrics", "--output", target)  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: --output")
+    assert res.stderr.count("\n") == 1

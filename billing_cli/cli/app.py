@@ -105,6 +105,8 @@ def _global(
             "--db is empty: give a SQLite file path or a postgresql:// URL, or leave --db out "
             "(then BILLING_DATABASE_URL, DATABASE_URL or ./billing.db is used)"
         )
+    db_url = resolve_db_url(db)
+    _check_db_path(db_url)
     verbosity = -1 if quiet else min(verbose, 2)
     # One stderr console for the progress bars and the log lines (rich keeps the bar below).
     err = make_console(stderr=True)
@@ -112,11 +114,36 @@ def _global(
     ctx.obj = AppContext(
         registry_path=registry or Path(DEFAULT_REGISTRY),
         registry_explicit=registry is not None,
-        db_url=resolve_db_url(db),
+        db_url=db_url,
         log_format=log_format,
         verbosity=verbosity,
         err=err,
     )
+
+
+# What a file system takes (Linux: NAME_MAX, PATH_MAX); beyond, the OS refuses the name.
+_MAX_NAME_BYTES = 255
+_MAX_PATH_BYTES = 4095
+
+
+def _check_db_path(db_url: str) -> None:
+    """A SQLite path no file system can hold is a flag error, not an OSError later."""
+    from billing_cli._errors import StoreError
+    from billing_cli.store import parse_database_url
+
+    try:
+        target = parse_database_url(db_url)
+    except StoreError:
+        return  # said with its own message when the store is opened
+    path = target.sqlite_path
+    if target.backend != "sqlite" or path == ":memory:":
+        return
+    raw = os.fsencode(path)
+    if len(raw) > _MAX_PATH_BYTES or any(len(part) > _MAX_NAME_BYTES for part in raw.split(b"/")):
+        raise UsageError(
+            f"--db: the path {path[:60]!r}... is too long for a file system "
+            f"({len(raw)} bytes; at most {_MAX_PATH_BYTES}, {_MAX_NAME_BYTES} a name)"
+        )
 
 
 def full_app() -> typer.Typer:
@@ -234,7 +261,8 @@ def run(args: Sequence[str]) -> int:
         # A bug, not an expected failure: say so in one line, details at -vv.
         log.debug("internal error", exc_info=True)
         _print_error(
-            f"internal error: {type(exc).__name__}: {exc} (this is a bug; run with -vv for details)"
+            f"internal error: {type(exc).__name__}: {one_line(str(exc), 200)} (this is a bug;"
+            " run with -vv for details)"
         )
         return 70
     return int(result) if isinstance(result, int) else 0

@@ -87,6 +87,9 @@ def rerate_command(
             for page in store.iter_rerate(period_ns, pricing, run_id, dry_run=dry_run):
                 total += page
             outcome = "ok"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: committed pages stay, like collect's
+            outcome = "interrupted"
+            raise
         finally:
             if not dry_run:
                 store.finish_run(run_id, outcome, {})

@@ -355,9 +355,16 @@ def _detail_lines(statuses: list[SourceStatus]) -> list[str]:
 def _write_atomically(path: Path, text: str) -> None:
     """Readers (node_exporter's textfile collector) never see half a file."""
     directory = path.parent
+    if not path.name:
+        raise UsageError(
+            "--output needs a file name, e.g. --output /var/lib/node_exporter/billing.prom"
+        )
     if not directory.is_dir():
-        raise UsageError(f"--output {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+        raise UsageError(f"--output {str(path)[:200]}: directory {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", dir=directory)
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot write in {directory}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -365,6 +372,9 @@ def _write_atomically(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"--output {path}: cannot write it: {exc.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -18,6 +18,7 @@ from billing_cli._errors import StoreError
 from billing_cli.store.base import Store
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_USERINFO = re.compile(r"(://[^/@\s:]*):[^@\s]*@")
 
 
 def redact_url(url: str) -> str:
@@ -120,6 +121,8 @@ def _open_postgres(url: str, *, read_only: bool = False) -> Store:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "password" in first.lower():
             first = "authentication failed"
+        # A malformed URL is quoted back whole by libpq: never with its password.
+        first = _USERINFO.sub(r"\1:***@", first.replace(url, shown))
         raise StoreError(f"database {shown}: cannot connect: {first}") from None
 
 
