@@ -38,7 +38,6 @@ from billing_cli.core.types import Item, Rejection, Sample
 Batch = tuple[list[Item], list[Rejection]]
 
 _HEADER = 8  # bytes of a record's length
-_new_sample = partial(tuple.__new__, Sample)
 _new_rejection = partial(tuple.__new__, Rejection)
 _new_item = partial(tuple.__new__, Item)
 _SAME = None  # an item's identities are the previous item's
@@ -93,7 +92,7 @@ def _decode(blob: bytes) -> Batch:
         ups, downs = array("q"), array("q")
         ups.frombytes(ups_b)
         downs.frombytes(downs_b)
-        samples = list(map(_new_sample, zip(*names, ups, downs, strict=True)))
+        samples = list(map(tuple.__new__, repeat(Sample), zip(*names, ups, downs, strict=True)))
         items.append(_new_item((t, node, env, epoch, samples)))
     return items, list(map(_new_rejection, rejections))
 
