@@ -544,3 +544,41 @@ def test_stdin_garbage_exit_3_nothing_written(cli: CliRunnerFn, tmp_path: Path) 
     assert res.stderr.startswith("error: stdin: ")
     assert "Traceback" not in res.output
     assert not (tmp_path / "billing.db").exists()
+
+
+def test_reading_holds_about_one_batch_in_memory(tmp_path: Path) -> None:
+    """Memory is bounded by a batch for NDJSON: the validated batches wait on disk, not in
+    memory (measured against holding every parsed batch, in the same process)."""
+    import sys
+    import tracemalloc
+
+    from billing_cli.cli import ingest
+    from billing_cli.cli._spool import Spool
+    from billing_cli.wire import iter_ingest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import make_snapshots
+
+    f = tmp_path / "fleet.ndjson"
+    with f.open("wb") as out:
+        items = make_snapshots.generate(
+            series=500, minutes=200, nodes=1, active=0.3, restarts=1, seed=3, full_items=True
+        )
+        assert make_snapshots.write(out, items, "ndjson", 1) == 100_000
+
+    def peak(work: Any) -> int:
+        tracemalloc.start()
+        try:
+            with f.open("rb") as stream:
+                work(stream)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    held: list[Any] = []
+    everything = peak(lambda stream: held.extend(iter_ingest(stream, 2_000)))
+    held.clear()
+    with Spool(directory=tmp_path) as spool:
+        spooled = peak(lambda stream: ingest._read_input(stream, "f", 2_000, None, None, spool))
+        assert len(spool) == 50
+    assert spooled < everything / 8, (spooled, everything)
