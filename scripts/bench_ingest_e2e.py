@@ -16,15 +16,21 @@ has its own floor and peak RSS is that process's:
   sqlite    ``python -m billing_cli --db FILE ingest --json INPUT``: the real command,
             interpreter start-up and imports included, into a new SQLite file.
   postgres  the same into a fresh PostgreSQL schema (``--postgres URL``; dropped after).
+  before-sqlite, before-postgres
+            the same command from another checkout of the code (``--before DIR``, e.g.
+            ``git archive COMMIT billing_cli | tar -x -C DIR``): the previous ingest,
+            measured in the same rounds.
 
 The split comes from the command's own ``-v`` log lines (``--log-format json``): parse
 (reading and validating, spool writes excluded), spool write, spool read, apply (the
-store's ``apply`` and commits, spool reads excluded); "other" is the rest of the wall time
-(start-up, imports, opening the store, the summary).
+store's ``apply``, its commits and closing the store, spool reads excluded); "other" is
+the rest of the wall time (interpreter start-up, imports, the registry, the summary).
 
   .venv/bin/python scripts/bench_ingest_e2e.py --reps 5 \\
       --postgres postgresql://postgres@127.0.0.1:5432/test
   .venv/bin/python scripts/bench_ingest_e2e.py --samples 200000 --reps 3 --configs floor,sqlite
+  .venv/bin/python scripts/bench_ingest_e2e.py --before /tmp/old \\
+      --configs floor,sqlite,before-sqlite
 """
 
 from __future__ import annotations
@@ -114,11 +120,13 @@ def floor(path: str, db: str) -> int:
 # --- running and measuring -------------------------------------------------------------------
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, str]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str, str]:
     """Wall seconds, peak RSS (MB) of the child, its stdout and stderr."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        # Not run from the checkout: ``python -m`` would import the package found in the
+        # current directory first, whatever PYTHONPATH says (see before-*).
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         took = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -131,12 +139,14 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str, str]:
 
 
 def phases(stderr: str, wall: float) -> dict[str, float]:
-    logged = {}
+    logged: dict[str, Any] = {}
     for line in stderr.splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
             if rec.get("logger") == "billing_cli.ingest" and "phase" in rec:
                 logged[rec["phase"]] = rec
+    if "read" not in logged or "apply" not in logged:
+        return {}  # a version of billing that does not log its phases
     read, apply = logged["read"], logged["apply"]
     out = {
         "parse": read["seconds"] - read["spool_write_seconds"],
@@ -174,16 +184,18 @@ def unlink_db(db: Path) -> None:
 def run_one(config: str, data: Path, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DATABASE_"))}
     env["PYTHONPATH"] = str(ROOT)
+    if config.startswith("before-"):
+        env["PYTHONPATH"] = str(Path(a.before).resolve())
     db = tmp / f"{config}.db"
     unlink_db(db)
     if config == "floor":
         cmd = [sys.executable, __file__, "--child-floor", str(data), str(db)]
-        wall, rss, out, _ = timed(cmd, env)
+        wall, rss, out, _ = timed(cmd, env, tmp)
         unlink_db(db)
         return {"s": wall, "rss_mb": rss, "samples": int(out.split()[-1])}
     schema = None
     url = str(db)
-    if config == "postgres":
+    if config.endswith("postgres"):
         schema, url = pg_schema(a.postgres)
     ingest = [
         "ingest",
@@ -193,7 +205,7 @@ def run_one(config: str, data: Path, tmp: Path, a: argparse.Namespace) -> dict[s
     cmd = [sys.executable, "-m", "billing_cli", "--db", url, "--log-format", "json", "-v",
            *ingest, str(data)]  # fmt: skip
     try:
-        wall, rss, out, err = timed(cmd, env)
+        wall, rss, out, err = timed(cmd, env, tmp)
     finally:
         if schema is not None:
             pg_drop(a.postgres, schema)
@@ -216,6 +228,9 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="default floor,sqlite[,postgres]")
     p.add_argument("--postgres", default=None, help="PostgreSQL URL (a fresh schema per run)")
     p.add_argument("--batch-samples", type=int, default=None, help="passed to billing ingest")
+    p.add_argument(
+        "--before", default=None, help="a checkout to measure as before-sqlite/-postgres"
+    )
     p.add_argument("--input", default=None, help="use this NDJSON file instead of generating one")
     p.add_argument("--out", default=None, help="append the results as one JSON line here")
     p.add_argument("--child-floor", nargs=2, help=argparse.SUPPRESS)
@@ -224,8 +239,10 @@ def main() -> None:
         print(floor(*a.child_floor))
         return
     configs = (a.configs or "floor,sqlite" + (",postgres" if a.postgres else "")).split(",")
-    if "postgres" in configs and not a.postgres:
+    if any(c.endswith("postgres") for c in configs) and not a.postgres:
         raise SystemExit("--configs postgres needs --postgres URL")
+    if any(c.startswith("before-") for c in configs) and not a.before:
+        raise SystemExit("--configs before-* needs --before DIR")
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp_name:
         tmp = Path(tmp_name)
         if a.input:
@@ -252,7 +269,7 @@ def main() -> None:
                 )
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
     print(
-        f"{'config':9} {'samples/s median (range)':>30} {'s median':>9}"
+        f"{'config':15} {'samples/s median (range)':>30} {'s median':>9}"
         f" {'x floor median (range)':>24} {'peak RSS':>9}"
     )
     fl = results.get("floor")
@@ -261,7 +278,7 @@ def main() -> None:
         sps = [r["samples"] / r["s"] for r in rs]
         ratios = [r["s"] / f["s"] for r, f in zip(rs, fl, strict=True)] if fl else []
         print(
-            f"{c:9} {med_range(sps, '{:,.0f}'):>30} {statistics.median(r['s'] for r in rs):9.2f}"
+            f"{c:15} {med_range(sps, '{:,.0f}'):>30} {statistics.median(r['s'] for r in rs):9.2f}"
             f" {med_range(ratios, '{:.2f}') if ratios else '-':>24}"
             f" {max(r['rss_mb'] for r in rs):6.0f} MB"
         )
@@ -271,7 +288,7 @@ def main() -> None:
             "x_floor_median": statistics.median(ratios) if ratios else None,
         }
     for c, rs in results.items():
-        if c == "floor":
+        if c == "floor" or "parse" not in rs[0]:
             continue
         split = {
             k: statistics.median(r[k] for r in rs)
@@ -285,6 +302,8 @@ def main() -> None:
         )
         sps = summary[c]["samples_per_s_median"]
         ratio = summary[c]["x_floor_median"]
+        if c not in TARGETS:
+            continue
         print(
             f"{c} targets: >= {TARGETS[c]:,} samples/s: {'met' if sps >= TARGETS[c] else 'NOT met'}"
             + (
