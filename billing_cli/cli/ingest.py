@@ -136,7 +136,7 @@ def ingest_command(
 def _gc_paused() -> Iterator[None]:
     """No cyclic GC while ingesting: parsing a million samples builds millions of small
     acyclic objects, and generation-0 collections would keep re-scanning the batch being
-    built (the parse is 1.5-2x faster without). Cycles are rare and bounded per batch."""
+    built (parsing is 1.4-1.8x faster without). Cycles are rare: ~20 objects a batch."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
