@@ -2,13 +2,17 @@
 """Write a synthetic exporter snapshot file for ``billing ingest``, benchmarks and kill tests.
 
 Deterministic for a given ``--seed``. Each node emits one item per minute holding the
-samples of the series active in that minute (``--active`` of them); counters only grow,
-except at restarts, where the node's ``counter_epoch`` changes and its counters start
-again from zero.
+samples of the series active in that minute (``--active`` of them), or with
+``--full-items`` every series of the node, the idle ones unchanged (the fleet shape of
+DESIGN §10: an exporter reports every account every minute); counters only grow, except
+at restarts, where the node's ``counter_epoch`` changes and its counters start again from
+zero. ``--uuids v4`` names the accounts with random version-4 UUIDs, as the simulator
+and real fleets do, instead of the readable ``u-NODE-SERIES``.
 
 Examples:
 
   scripts/make_snapshots.py --samples 1000000 --out /tmp/1m.ndjson
+  scripts/make_snapshots.py --samples 1000000 --full-items --uuids v4 --out /tmp/fleet.ndjson
   scripts/make_snapshots.py --series 50 --minutes 10 --format window --out page.json
   scripts/make_snapshots.py --minutes 5 --env staging --format snapshots --out - | billing ingest -
 """
@@ -19,6 +23,7 @@ import argparse
 import math
 import random
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -45,10 +50,27 @@ def generate(
     restarts: int,
     seed: int,
     env: str = "prod",
+    full_items: bool = False,
+    uuids: str = "seq",
 ) -> Iterator[dict[str, Any]]:
-    """Yield items (dicts, wire shape) in (minute, node) order."""
+    """Yield items (dicts, wire shape) in (minute, node) order.
+
+    ``full_items``: every series in every item (idle ones unchanged) instead of the active
+    ones only. ``uuids``: ``"seq"`` (``u-NODE-SERIES``) or ``"v4"`` (random, seeded).
+    The activity drawn is the same either way.
+    """
     rng = random.Random(seed)
     per_node = max(1, series // nodes)
+    if uuids == "v4":
+        urng = random.Random(f"uuids-{seed}")
+        names = [
+            [str(uuid.UUID(int=urng.getrandbits(128), version=4)) for _ in range(per_node)]
+            for _ in range(nodes)
+        ]
+    elif uuids == "seq":
+        names = [[f"u-{node:03d}-{s:05d}" for s in range(per_node)] for node in range(nodes)]
+    else:
+        raise ValueError(f"uuids must be 'seq' or 'v4', got {uuids!r}")
     restart_at = {
         (rng.randrange(nodes), rng.randrange(1, max(2, minutes))) for _ in range(restarts)
     }
@@ -68,9 +90,11 @@ def generate(
                 t = node_totals[s]
                 t[0] += rng.randrange(0, 5_000_000)
                 t[1] += rng.randrange(0, 50_000_000)
+            for s in range(per_node) if full_items else chosen:
+                t = node_totals[s]
                 samples.append(
                     {
-                        "uuid": f"u-{node:03d}-{s:05d}",
+                        "uuid": names[node][s],
                         "email": f"user{s}@example.com",
                         "inbound_tag": tags[s % 2],
                         "uplink_bytes_total": t[0],
@@ -131,11 +155,20 @@ def main() -> None:
     p.add_argument("--active", type=float, default=0.3, help="active share per minute")
     p.add_argument("--restarts", type=int, default=3, help="counter restarts (epoch changes)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--full-items",
+        action="store_true",
+        help="every series in every item, idle ones unchanged (the fleet shape)",
+    )
+    p.add_argument(
+        "--uuids", choices=["seq", "v4"], default="seq", help="account names (default seq)"
+    )
     p.add_argument("--env", default="prod", help="env of every item (default prod)")
     p.add_argument("--format", choices=["ndjson", "array", "snapshots", "window"], default="ndjson")
     p.add_argument("--out", default="-", help="output file, - for stdout")
     a = p.parse_args()
-    per_minute = max(1, round(max(1, a.series // a.nodes) * a.active)) * a.nodes
+    per_node = max(1, a.series // a.nodes)
+    per_minute = (per_node if a.full_items else max(1, round(per_node * a.active))) * a.nodes
     minutes = a.minutes or (math.ceil(a.samples / per_minute) if a.samples else 10)
     items = generate(
         series=a.series,
@@ -145,6 +178,8 @@ def main() -> None:
         restarts=a.restarts,
         seed=a.seed,
         env=a.env,
+        full_items=a.full_items,
+        uuids=a.uuids,
     )
     if a.out == "-":
         n = write(sys.stdout.buffer, items, a.format, a.nodes, a.env)

@@ -363,27 +363,179 @@ def test_store_unreachable_exit_4(cli: CliRunnerFn, tmp_path: Path) -> None:
 def test_apply_reads_exactly_what_was_validated(
     cli: CliRunnerFn, tmp_path: Path, registry: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A file that grows between the passes (an exporter appending): the tail is not applied
-    unvalidated; it is picked up by the next ingest."""
+    """A file that grows once it has been read (an exporter appending): the tail is not
+    applied unvalidated; it is picked up by the next ingest."""
     from billing_cli.cli import ingest
 
     f = tmp_path / "growing.ndjson"
     f.write_bytes(ndjson(ITEMS))
-    original = ingest._validate
+    original = ingest._read_input
 
-    def validate_then_append(*args: Any, **kwargs: Any) -> Any:
-        stats = original(*args, **kwargs)
+    def read_then_append(*args: Any, **kwargs: Any) -> Any:
+        parsed = original(*args, **kwargs)
         with f.open("ab") as out:  # foreign node: --source would refuse it
             out.write(ndjson([it(3, [s("u9", 1, 1)], node="node-b")]))
-        return stats
+        return parsed
 
-    monkeypatch.setattr(ingest, "_validate", validate_then_append)
-    out = run_json(cli, "ingest", "--source", "node-a-prod", str(f))
-    assert (out["items"], out["new_observations"]) == (3, 6)
-    monkeypatch.setattr(ingest, "_validate", original)
+    monkeypatch.setattr(ingest, "_read_input", read_then_append)
+    out = run_json(cli, "ingest", "--source", "node-a-prod", "--batch-samples", "2", str(f))
+    assert (out["items"], out["new_observations"], out["batches"]) == (3, 6, 3)
+    monkeypatch.setattr(ingest, "_read_input", original)
     res = cli("ingest", "--source", "node-a-prod", str(f))
     assert res.exit_code == 1
     assert "item 4" in res.stderr
+
+
+def runs_and_observations(db_url: str) -> tuple[list[Any], int]:
+    store = open_store(db_url)
+    try:
+        db = store.db  # type: ignore[attr-defined]
+        runs = db.execute("SELECT kind, outcome FROM runs ORDER BY run_id")
+        return [tuple(r) for r in runs], int(db.execute("SELECT count(*) FROM observations")[0][0])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bad", ["last line", "identity"])
+def test_a_late_failure_writes_nothing_not_even_a_run_row(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path, bad: str
+) -> None:
+    """Many batches are read (and spooled) before the bad line or the foreign item at the
+    end: none of them reaches the database, and no run is recorded."""
+    items = [it(m % 60, [s(f"u{k}", m * 10, m * 20) for k in range(5)]) for m in range(40)]
+    tail = (
+        b'{"collected_at": \n'
+        if bad == "last line"
+        else ndjson([it(59, [s("u9", 1, 1)], node="node-b")])
+    )
+    f = tmp_path / "late.ndjson"
+    f.write_bytes(ndjson(items) + tail)
+    res = cli("--db", db_url, "ingest", "--source", "node-a-prod", "--batch-samples", "5", str(f))
+    assert res.exit_code == (3 if bad == "last line" else 1), res.output
+    assert "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.strip().endswith("nothing written")
+    assert runs_and_observations(db_url) == ([], 0)
+
+
+def test_the_input_is_parsed_once_with_the_gc_paused(
+    cli: CliRunnerFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from billing_cli.cli import ingest
+
+    calls: list[bool] = []  # gc.isenabled() at every batch the parser hands over
+    original = ingest.iter_ingest
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(gc.isenabled())
+        for batch in original(*args, **kwargs):
+            calls.append(gc.isenabled())
+            yield batch
+
+    monkeypatch.setattr(ingest, "iter_ingest", counting)
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    out = run_json(cli, "ingest", "--batch-samples", "2", str(f))
+    assert out["batches"] == 3
+    assert calls == [False] * 4  # one parse (3 batches), never a second one; GC paused
+    assert gc.isenabled()  # and back on afterwards
+
+
+def test_a_named_pipe_is_read_once(cli: CliRunnerFn, tmp_path: Path) -> None:
+    """Process substitution (`billing ingest <(xz -dc archive.ndjson.xz)`) hands over a
+    pipe, which cannot be read twice or seeked."""
+    import os
+    import threading
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with fifo.open("wb") as w:
+            w.write(ndjson(ITEMS))
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        out = run_json(cli, "ingest", "--batch-samples", "2", str(fifo))
+    finally:
+        writer.join(timeout=10)
+    assert (out["items"], out["new_observations"], out["batches"]) == (3, 6, 3)
+
+
+def test_spooled_and_in_memory_batches_give_the_same_result(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, registry: Path
+) -> None:
+    """One batch is applied from memory; many go through the spool. Rejections, conflicts,
+    emails, epochs, empty items and several nodes come back exactly."""
+    rows = [
+        it(0, [s("u1", 100, 1000), s("u2", 0, 0, tag="")]),
+        it(0, [s("u1", 5, 5), s("x", 1.5, 0)], node="node-b"),
+        {**it(1, [s("u1", 300, 1500), s("u2", 50, 50, tag="")]), "counter_epoch": None},
+        {**it(1, [], node="node-b"), "samples": None},
+        it(2, [{**s("u1", 300, 1500), "email": "renamed@example.org"}, s("u3", -1, 5)]),
+        {**it(3, [s("u1", 400, 1600), s("u2", 60, 70, tag="")]), "counter_epoch": 7},
+        {**it(2, [s("u1", 350, 1550)]), "collected_at": "2026-11-24T10:02:35Z"},  # late
+        it(1, [s("u1", 999, 1500)]),  # conflicts with the 10:01 item
+        {**it(4, [s("u1", 1, 1)]), "collected_at": "2026-11-24T10:04:05"},  # no zone
+    ]
+    f = tmp_path / "mixed.ndjson"
+    f.write_bytes(ndjson(rows))
+    results = []
+    for batch, db in (("1000000", db_url), ("1", str(tmp_path / "spooled.db"))):
+        out = run_json(cli, "--db", db, "ingest", "--batch-samples", batch, str(f))
+        results.append(({k: v for k, v in out.items() if k not in ("run_id", "batches")}, db))
+        assert out["batches"] == (1 if batch != "1" else 8)
+    (one, db_one), (many, db_many) = results
+    assert one == many
+    assert (one["conflicts"], one["rejected_samples"]) == (1, 3)
+    assert state(db_one) == state(db_many)
+
+
+def test_a_spool_that_cannot_be_written_writes_nothing(
+    cli: CliRunnerFn, tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from billing_cli.cli import _spool
+
+    def full(self: Any, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_spool.Spool, "_write_record", full)
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(ITEMS))
+    res = cli("--db", db_url, "ingest", "--batch-samples", "2", str(f))
+    assert res.exit_code == 3, res.output
+    assert "Traceback" not in res.output
+    (line,) = res.stderr.strip().splitlines()
+    assert "No space left on device" in line
+    assert "TMPDIR" in line
+    assert line.endswith("nothing written")
+    assert runs_and_observations(db_url) == ([], 0)
+
+
+def test_one_store_transaction_per_batch(
+    cli: CliRunnerFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing_cli.store._common import SqlStore
+
+    sizes: list[int] = []
+    original = SqlStore.apply
+
+    def apply(self: SqlStore, batch: Any) -> Any:
+        sizes.append(sum(len(i.samples) for i in batch.items))
+        return original(self, batch)
+
+    monkeypatch.setattr(SqlStore, "apply", apply)
+    items = [it(m, [s(f"u{k}", m, m) for k in range(3)]) for m in range(10)]
+    f = tmp_path / "in.ndjson"
+    f.write_bytes(ndjson(items))
+    out = run_json(cli, "ingest", "--batch-samples", "7", str(f))
+    assert sizes == [9, 9, 9, 3]  # whole items, about --batch-samples each, in input order
+    assert out["batches"] == 4
 
 
 def test_stdin_garbage_exit_3_nothing_written(cli: CliRunnerFn, tmp_path: Path) -> None:
@@ -392,3 +544,41 @@ def test_stdin_garbage_exit_3_nothing_written(cli: CliRunnerFn, tmp_path: Path) 
     assert res.stderr.startswith("error: stdin: ")
     assert "Traceback" not in res.output
     assert not (tmp_path / "billing.db").exists()
+
+
+def test_reading_holds_about_one_batch_in_memory(tmp_path: Path) -> None:
+    """Memory is bounded by a batch for NDJSON: the validated batches wait on disk, not in
+    memory (measured against holding every parsed batch, in the same process)."""
+    import sys
+    import tracemalloc
+
+    from billing_cli.cli import ingest
+    from billing_cli.cli._spool import Spool
+    from billing_cli.wire import iter_ingest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import make_snapshots
+
+    f = tmp_path / "fleet.ndjson"
+    with f.open("wb") as out:
+        items = make_snapshots.generate(
+            series=500, minutes=200, nodes=1, active=0.3, restarts=1, seed=3, full_items=True
+        )
+        assert make_snapshots.write(out, items, "ndjson", 1) == 100_000
+
+    def peak(work: Any) -> int:
+        tracemalloc.start()
+        try:
+            with f.open("rb") as stream:
+                work(stream)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    held: list[Any] = []
+    everything = peak(lambda stream: held.extend(iter_ingest(stream, 2_000)))
+    held.clear()
+    with Spool(directory=tmp_path) as spool:
+        spooled = peak(lambda stream: ingest._read_input(stream, "f", 2_000, None, None, spool))
+        assert len(spool) == 50
+    assert spooled < everything / 8, (spooled, everything)

@@ -213,6 +213,42 @@ def test_sigterm_stops_ingest_between_or_inside_batches(tmp_path: Path, db_url: 
     assert [r[1:3] for r in runs(db_url)] == [("ingest", "interrupted")], err
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_the_input_is_read_writes_nothing(
+    tmp_path: Path, db_url: str, signum: int, code: int
+) -> None:
+    """The input is read (and spooled) before anything is written: a stop then leaves the
+    database as it was, without even a run row. The writer keeps stdin open, so the ingest
+    is certainly still reading when the signal arrives."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "billing_cli", "--db", db_url, "ingest", "--batch-samples",
+         "100", "--json", "-"],
+        cwd=tmp_path, env=subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    lines = b"".join(
+        orjson.dumps(
+            {"node_id": "n", "env": "e",
+             "collected_at": f"2026-11-18T{m // 60:02d}:{m % 60:02d}:05Z",
+             "samples": [sample(f"u{k}", m * 10, m * 20) for k in range(20)]}
+        ) + b"\n"
+        for m in range(600)
+    )  # fmt: skip
+    assert len(lines) > 4 * 65536  # more than a pipe holds: once written, it is being read
+    proc.stdin.write(lines)
+    proc.stdin.flush()
+    rc, err, took = stop(proc, signum)
+    proc.stdin.close()
+    assert rc == code, err
+    assert took < STOP_WITHIN_S
+    assert err.strip().splitlines()[-1] == f"error: interrupted by {signal.Signals(signum).name}"
+    if not db_url.startswith("postgresql"):
+        assert not Path(db_url).exists()  # not even opened
+    assert runs(db_url) == []
+    assert observations(db_url) == 0
+
+
 def observations(db: str) -> int:
     store = open_store(db)
     try:
