@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import psycopg
 
-from billing_cli.store._common import (
+from billing_cli.store._common import SqlStore
+from billing_cli.store.dialect import (
     _ADD_UUID_USAGE,
     _BUCKET_COLS,
     _LEDGER_COLS,
@@ -21,7 +22,6 @@ from billing_cli.store._common import (
     Dialect,
     KeyCol,
     Row,
-    SqlStore,
 )
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
