@@ -28,8 +28,8 @@ from billing_cli.store.dialect import _LEDGER_COLS
 from billing_cli.store.schema import month_start_sql
 
 if TYPE_CHECKING:
-    from billing_cli.store._common import SqlStore
     from billing_cli.store.dialect import KeyCol, Row
+    from billing_cli.store.sql import SqlStore
 
 # Buckets per re-rate page (one transaction). A page holds whole accounts: an account's
 # month is rated as one sequence (its included quota), so a page may exceed this by at

@@ -21,11 +21,22 @@ the lock for longer and longer pages.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
+from billing_cli._errors import StoreError
+from billing_cli._time import now_ns
 from billing_cli.core.types import Observation
 from billing_cli.pricing import Pricing
+from billing_cli.store.base import ApplyReport, Batch
+from billing_cli.store.plumbing import gc_paused
+from billing_cli.store.write import WriteModel
 from billing_cli.store.write.grouping import RawKey
+
+# A dry run re-applies its earlier pages' new observations before every page; past this
+# many it stops rather than hold the lock for ever longer.
+DRY_RUN_MAX_NEW = 1_000_000
 
 
 @dataclass
@@ -41,3 +52,46 @@ class _DryPage:
 class _DryRun:
     pages: list[_DryPage] = field(default_factory=list)
     new_observations: int = 0
+
+
+class DryRunPart(WriteModel):
+    """``dry_run()``: the write model with every page rolled back, and replayed."""
+
+    @contextmanager
+    def _dry_run(self) -> Iterator[None]:
+        if self._dry is not None:
+            raise RuntimeError("dry runs do not nest")
+        self._dry = _DryRun()
+        try:
+            yield
+        finally:
+            self._dry = None
+
+    def dry_run(self) -> AbstractContextManager[None]:
+        return self._dry_run()
+
+    def apply(self, batch: Batch) -> ApplyReport:
+        if self._dry is not None:
+            return self._apply_dry(batch, self._dry)
+        return super().apply(batch)
+
+    def _apply_dry(self, batch: Batch, dry: _DryRun) -> ApplyReport:
+        page = _DryPage(batch.pricing)
+        with self._guard("apply a batch"), gc_paused(), self.db.rolled_back():
+            for earlier in dry.pages:
+                per_key = {k: list(v) for k, v in earlier.observations.items()}
+                replay = Batch(items=[], run_id=0, pricing=earlier.pricing)
+                self._apply_observations(
+                    replay, per_key, dict(earlier.emails), ApplyReport(), [], now_ns()
+                )
+            report = self._apply(batch, capture=page)
+        if page.observations:
+            dry.new_observations += sum(len(v) for v in page.observations.values())
+            if dry.new_observations > DRY_RUN_MAX_NEW:
+                raise StoreError(
+                    f"dry run stopped: more than {DRY_RUN_MAX_NEW:,} new observations (this "
+                    "range was mostly never collected, and a dry run re-applies them for every "
+                    "page); reconcile without --dry-run, or a shorter range"
+                )
+            dry.pages.append(page)
+        return report

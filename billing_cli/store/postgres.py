@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import psycopg
 
-from billing_cli.store._common import SqlStore
 from billing_cli.store.dialect import (
     _ADD_UUID_USAGE,
     _BUCKET_COLS,
@@ -23,6 +22,7 @@ from billing_cli.store.dialect import (
     KeyCol,
     Row,
 )
+from billing_cli.store.sql import SqlStore
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {

@@ -26,8 +26,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 from urllib.parse import quote
 
-from billing_cli.store._common import SqlStore
 from billing_cli.store.dialect import _ADD_UUID_USAGE, Dialect, KeyCol, Row
+from billing_cli.store.sql import SqlStore
 
 # SQLite's default limit of host parameters per statement is 32766.
 _MAX_PARAMS = 30000

@@ -8,13 +8,12 @@ The parts, each a module of its own over the shared plumbing (``plumbing.py``):
 * underneath, the SQLite and PostgreSQL dialects (``dialect.py``, ``sqlite.py``,
   ``postgres.py``), which only know *how* to talk to their database.
 
-Here: opening (the schema check or migration) and the dry-run driver.
+Here: opening (the schema check or migration) and the composition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 
 from billing_cli._errors import StoreError
 from billing_cli._time import now_ns
@@ -22,41 +21,20 @@ from billing_cli.core.statement import Statement
 from billing_cli.pricing import Pricing
 from billing_cli.store import _periods
 from billing_cli.store.base import (
-    ApplyReport,
-    Batch,
     PeriodClose,
     PeriodTotals,
     RerateReport,
     RowFilter,
 )
-from billing_cli.store.dialect import Dialect, KeyCol, Row
-from billing_cli.store.dry_run import _DryPage, _DryRun
-from billing_cli.store.integrity import MAX_REJECTION_EVENTS_PER_ITEM, IntegrityPart
-from billing_cli.store.plumbing import gc_paused
+from billing_cli.store.dialect import Dialect
+from billing_cli.store.dry_run import DryRunPart
+from billing_cli.store.integrity import IntegrityPart
 from billing_cli.store.reads import ReadsPart
 from billing_cli.store.runs import RunsPart
 from billing_cli.store.schema import SCHEMA_VERSION, migrations
-from billing_cli.store.write import WriteModel
-from billing_cli.store.write.grouping import REMEMBER_ITEMS_NS
-from billing_cli.store.write.observations import _SCAN_MIN
-
-__all__ = [
-    "DRY_RUN_MAX_NEW",
-    "MAX_REJECTION_EVENTS_PER_ITEM",
-    "REMEMBER_ITEMS_NS",
-    "_SCAN_MIN",
-    "Dialect",
-    "KeyCol",
-    "Row",
-    "SqlStore",
-]
-
-# A dry run re-applies its earlier pages' new observations before every page (see
-# SqlStore.dry_run); past this many it stops rather than hold the lock for ever longer.
-DRY_RUN_MAX_NEW = 1_000_000
 
 
-class SqlStore(WriteModel, ReadsPart, RunsPart, IntegrityPart):
+class SqlStore(DryRunPart, ReadsPart, RunsPart, IntegrityPart):
     """The :class:`~billing_cli.store.base.Store` implementation for both back ends."""
 
     def __init__(self, db: Dialect, url_for_display: str, *, read_only: bool = False) -> None:
@@ -121,47 +99,6 @@ class SqlStore(WriteModel, ReadsPart, RunsPart, IntegrityPart):
                 for stmt in statements:
                     self.db.execute(stmt)
                 self.db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-
-    # --- dry runs (see dry_run.py) ---------------------------------------------------------
-
-    @contextmanager
-    def _dry_run(self) -> Iterator[None]:
-        if self._dry is not None:
-            raise RuntimeError("dry runs do not nest")
-        self._dry = _DryRun()
-        try:
-            yield
-        finally:
-            self._dry = None
-
-    def dry_run(self) -> AbstractContextManager[None]:
-        return self._dry_run()
-
-    def apply(self, batch: Batch) -> ApplyReport:
-        if self._dry is not None:
-            return self._apply_dry(batch, self._dry)
-        return super().apply(batch)
-
-    def _apply_dry(self, batch: Batch, dry: _DryRun) -> ApplyReport:
-        page = _DryPage(batch.pricing)
-        with self._guard("apply a batch"), gc_paused(), self.db.rolled_back():
-            for earlier in dry.pages:
-                per_key = {k: list(v) for k, v in earlier.observations.items()}
-                replay = Batch(items=[], run_id=0, pricing=earlier.pricing)
-                self._apply_observations(
-                    replay, per_key, dict(earlier.emails), ApplyReport(), [], now_ns()
-                )
-            report = self._apply(batch, capture=page)
-        if page.observations:
-            dry.new_observations += sum(len(v) for v in page.observations.values())
-            if dry.new_observations > DRY_RUN_MAX_NEW:
-                raise StoreError(
-                    f"dry run stopped: more than {DRY_RUN_MAX_NEW:,} new observations (this "
-                    "range was mostly never collected, and a dry run re-applies them for every "
-                    "page); reconcile without --dry-run, or a shorter range"
-                )
-            dry.pages.append(page)
-        return report
 
     # --- accounting periods ---------------------------------------------------------------
 
