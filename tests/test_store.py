@@ -651,6 +651,44 @@ def test_a_version_4_database_gains_run_processes_and_event_fingerprints(
         s2.close()
 
 
+def test_a_version_5_database_gains_the_retention_state_and_event_kind(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6: events are kept as they were (ids, fingerprints, acknowledgements), the
+    kind ``beyond_retention`` is accepted, and nothing is compacted yet."""
+    s = _previous_release(db_url, 5, monkeypatch)
+    with s.db.transaction():
+        s.db.executemany(
+            "INSERT INTO integrity_events (id, kind, node_id, env, uuid, inbound_tag,"
+            " collected_at_ns, source_id, run_id, detail, created_at_ns, acknowledged_at_ns,"
+            " fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (3, "conflict", "n1", "prod", "a", "t", T0, "s1", 1, "c", 5, None, None),
+                (7, "rejected", "n1", "prod", "", "", None, "s1", 1, "r", 6, 9, b"f" * 16),
+            ],
+        )
+    before = s.db.execute("SELECT * FROM integrity_events ORDER BY id")
+    s.close()
+    s2 = cast(SqlStore, open_store(db_url))
+    try:
+        assert s2.db.execute("SELECT * FROM integrity_events ORDER BY id") == before
+        assert s2.db.execute("SELECT cut_ns, cycle_next FROM retention_state") == [(-(2**63), None)]
+        run = s2.start_run("ingest", [])
+        rep = s2.apply(Batch([item(T0, ("a", 1, 1))], run, PRICING, retention_ns=M))
+        assert rep.beyond_retention == 1
+        kinds = sorted(e.kind for e in s2.iter_integrity_events(open_only=False))
+        assert kinds == ["beyond_retention", "conflict", "rejected"]
+        # The unique fingerprint index survived the rebuild.
+        with pytest.raises(s2.db.errors), s2.db.transaction():
+            s2.db.execute(
+                "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, detail,"
+                " created_at_ns, fingerprint) VALUES ('rejected','n','e','','','x',1,?)",
+                (b"f" * 16,),
+            )
+    finally:
+        s2.close()
+
+
 def test_newer_schema_is_refused(db_url: str) -> None:
     s = open_store(db_url)
     db = cast(SqlStore, s).db

@@ -97,6 +97,14 @@ class Dialect(ABC):
         """Inside a transaction: shared by writers of postings, exclusive for a close
         (SQLite's BEGIN IMMEDIATE already serialises every writer)."""
 
+    def lock_retention(self, *, exclusive: bool) -> None:  # noqa: B027 - SQLite needs none
+        """Inside a transaction: shared by every apply (it meters against observations
+        at or after the cut it reads), exclusive for raising the cut."""
+
+    @abstractmethod
+    def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; the number of rows it changed."""
+
 
 # The hot tables' columns, in the order bulk writes give them.
 _OBS_COLS = (

@@ -177,6 +177,9 @@ class SQLiteDialect(Dialect):
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self.conn.executemany(sql, rows)
 
+    def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self.conn.execute(sql, params).rowcount)
+
     def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         yield from self.conn.execute(sql, params)
         if self._snapshot is not None:

@@ -2,15 +2,17 @@
 
 A reader finds the whole algorithm here, in the order it runs (:meth:`WriteModel._apply`):
 
-1. **grouping** (``grouping.py``): items already applied whole are recognised by their
+1. **retention** (``retention.py``): items older than the horizon are refused
+   (``beyond_retention``); compaction lives there too.
+2. **grouping** (``grouping.py``): items already applied whole are recognised by their
    digest and skipped; the rest is grouped per series, column-wise.
-2. **observations** (``observations.py``): the touched series and their heads; exact
+3. **observations** (``observations.py``): the touched series and their heads; exact
    re-deliveries dropped; the stored windows of late series read in bulk; each series
    metered through :func:`billing_cli.core.metering.diff_series`.
-3. **buckets** (``buckets.py``): new bucket values, read only where one can exist.
-4. **rating** (``rating.py``): changed buckets re-rated and posted to the append-only
+4. **buckets** (``buckets.py``): new bucket values, read only where one can exist.
+5. **rating** (``rating.py``): changed buckets re-rated and posted to the append-only
    ledger in their accounting periods (quota tails included).
-5. one bulk write per table, the integrity events and the source's checkpoint — all in
+6. one bulk write per table, the integrity events and the source's checkpoint — all in
    the page's transaction.
 """
 
@@ -30,12 +32,13 @@ from billing_cli.store.write.buckets import BucketsPart, Change
 from billing_cli.store.write.grouping import GroupingPart, RawKey, group_by_series
 from billing_cli.store.write.observations import ObservationsPart
 from billing_cli.store.write.rating import RatingPart
+from billing_cli.store.write.retention import RetentionPart
 
 if TYPE_CHECKING:
     from billing_cli.store.dry_run import _DryPage
 
 
-class WriteModel(GroupingPart, ObservationsPart, BucketsPart, RatingPart):
+class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, RatingPart):
     """``apply``: one batch, one transaction."""
 
     def apply(self, batch: Batch) -> ApplyReport:
@@ -48,7 +51,8 @@ class WriteModel(GroupingPart, ObservationsPart, BucketsPart, RatingPart):
         report = ApplyReport(items=len(batch.items), rejected=len(batch.rejections))
         for r in batch.rejections:
             report.rejection_reasons[r.reason] = report.rejection_reasons.get(r.reason, 0) + 1
-        items, skipped, remember = self._skip_applied_items(batch.items)
+        items, beyond = self._refuse_beyond_retention(batch, report, now)
+        items, skipped, remember = self._skip_applied_items(items)
         report.duplicates += skipped
         events: list[Row] = []  # conflicts and anomalies found while metering
 
@@ -77,6 +81,8 @@ class WriteModel(GroupingPart, ObservationsPart, BucketsPart, RatingPart):
                 REJECTION_EVENT_SQL,
                 rejection_events(batch.rejections, source_id, run_id, now),
             )
+        if beyond:
+            self.db.executemany(REJECTION_EVENT_SQL, beyond)
         if batch.checkpoint is not None:
             cp = batch.checkpoint
             self.db.execute(
