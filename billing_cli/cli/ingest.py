@@ -30,6 +30,7 @@ from billing_cli._errors import IdentityMismatchError, InputError, StoreError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._pricing import warn_if_unpriced
+from billing_cli.cli._retention import retention_ns
 from billing_cli.core.money import format_amount
 from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
@@ -59,7 +60,9 @@ samples are counted as duplicates and change nothing.
 
 Invalid samples (negative, float or out-of-range counters, missing uuid,
 timestamps without a zone, ...) and conflicting re-deliveries are recorded as
-integrity events and counted; the valid rest is applied.
+integrity events and counted; the valid rest is applied. Items older than the
+retention horizon ([defaults] retention, default 35d) are refused and counted
+as beyond retention.
 
 Pricing comes from the registry's [pricing] table. Without a registry file
 (and without --source) everything rates at zero, with a warning.
@@ -130,7 +133,15 @@ def ingest_command(
         elif registry is not None:
             warn_if_unpriced(app, registry)
         report, run_id, stats.batches = _apply(
-            app, cast(BinaryIO, validated), name, batch_samples, source, identity, pricing, stats
+            app,
+            cast(BinaryIO, validated),
+            name,
+            batch_samples,
+            source,
+            identity,
+            pricing,
+            stats,
+            registry,
         )
     _print_summary(app, report, stats, run_id, source, pricing, json_out)
 
@@ -274,10 +285,12 @@ def _apply(
     identity: tuple[str, str] | None,
     pricing: Pricing,
     stats: _InputStats,
+    registry: Registry | None,
 ) -> tuple[ApplyReport, int, int]:
     from billing_cli.store import open_store
 
     store = open_store(app.db_url)
+    retention = retention_ns(registry)
     try:
         run_id = store.start_run("ingest", [source] if source else [])
         report = ApplyReport()
@@ -309,6 +322,7 @@ def _apply(
                             pricing=pricing,
                             source_id=source,
                             rejections=rejections,
+                            retention_ns=retention,
                         )
                     )
                     batches += 1
@@ -364,6 +378,7 @@ def _counts(report: ApplyReport) -> dict[str, int]:
         "duplicates": report.duplicates,
         "conflicts": report.conflicts,
         "rejected_samples": report.rejected,
+        "beyond_retention": report.beyond_retention,
         "anomalies": report.anomalies,
         "buckets_changed": report.buckets_changed,
         "postings": report.postings,
@@ -409,6 +424,7 @@ def _print_summary(
         "duplicates": "duplicates",
         "conflicts": "conflicts",
         "rejected_samples": "rejected samples",
+        "beyond_retention": "beyond retention",
         "anomalies": "counter anomalies",
         "buckets_changed": "buckets changed",
         "postings": "ledger postings",
