@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Write a synthetic exporter snapshot file for ``billing ingest``, benchmarks and kill tests.
 
-Deterministic for a given ``--seed``. Each node emits one item per minute holding the
-samples of the series active in that minute (``--active`` of them), or with
+Deterministic for a given ``--seed`` (but for the times: the data ends an hour before
+now, so that it is always inside the retention horizon). Each node emits one item per
+minute holding the samples of the series active in that minute (``--active`` of them), or with
 ``--full-items`` every series of the node, the idle ones unchanged (the fleet shape of
 DESIGN §10: an exporter reports every account every minute); counters only grow, except
 at restarts, where the node's ``counter_epoch`` changes and its counters start again from
@@ -29,8 +30,14 @@ from typing import IO, Any
 
 import orjson
 
-START_NS = 1_795_000_000 * 1_000_000_000  # 2026-11-18T...Z, a fixed minute boundary
-START_NS -= START_NS % 60_000_000_000
+
+def default_start_ns(minutes: int) -> int:
+    """A start that ends the data an hour before now, at a minute boundary: inside the
+    default retention horizon (35 days, DESIGN §6) whenever the script runs."""
+    import time
+
+    start = time.time_ns() - (minutes + 60) * 60_000_000_000
+    return start - start % 60_000_000_000
 
 
 def _rfc3339(ns: int) -> str:
@@ -52,13 +59,16 @@ def generate(
     env: str = "prod",
     full_items: bool = False,
     uuids: str = "seq",
+    start_ns: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield items (dicts, wire shape) in (minute, node) order.
+    """Yield items (dicts, wire shape) in (minute, node) order, from ``start_ns`` (a minute
+    start; default: ending an hour ago).
 
     ``full_items``: every series in every item (idle ones unchanged) instead of the active
     ones only. ``uuids``: ``"seq"`` (``u-NODE-SERIES``) or ``"v4"`` (random, seeded).
     The activity drawn is the same either way.
     """
+    start = default_start_ns(minutes) if start_ns is None else start_ns
     rng = random.Random(seed)
     per_node = max(1, series // nodes)
     if uuids == "v4":
@@ -102,7 +112,7 @@ def generate(
                     }
                 )
             # Mid-minute, with nanoseconds, so several items never share a timestamp.
-            ts = START_NS + minute * 60_000_000_000 + 17_000_000_000 + node * 1_000 + 123
+            ts = start + minute * 60_000_000_000 + 17_000_000_000 + node * 1_000 + 123
             yield {
                 "node_id": f"node-{node:03d}",
                 "env": env,

@@ -480,3 +480,39 @@ def test_without_pricing_collect_warns_that_everything_rates_at_zero(make: MakeE
     ]
     # -q is errors only; `billing status --json` still reports it ("pricing": "none").
     assert env.run("-q", "collect", "--source", "node-01").stderr == ""
+
+
+# --- retention -----------------------------------------------------------------------------
+
+
+def test_collect_refuses_data_beyond_the_horizon_and_compacts_once_a_day(make: MakeEnv) -> None:
+    # 1,530 minutes of history with a 1-day horizon: the oldest ~90 items are beyond it.
+    env = make(nodes=1, series=2, minutes=1530, defaults='retention = "1d"')
+    doc = env.json("collect", "--since", "2d")
+    row = only(doc)
+    horizon = time.time_ns() - 24 * 60 * NS_PER_MINUTE
+    old = [t for t in env.sim.fleet.node("node-01").collected_ats() if t < horizon]
+    assert abs(row["beyond_retention"] - 2 * len(old)) <= 2 * 2  # the clock moved meanwhile
+    assert row["beyond_retention"] > 0
+    assert row["samples"] + row["beyond_retention"] == 2 * 1530
+    # The first run of the day started a compaction cycle (nothing older was stored).
+    assert doc["compaction"]["ran"] is True
+    assert doc["compaction"]["complete"] is True
+    # The next run the same day: no new cycle.
+    assert env.json("collect", "--source", "node-01")["compaction"] is None
+    # A day later (the cycle's start and the cut moved back a day): a new one.
+    store = open_store(env.db)
+    try:
+        db = store.db  # type: ignore[attr-defined]
+        with db.transaction():
+            db.execute(
+                "UPDATE retention_state SET cycle_started_at_ns = cycle_started_at_ns - ?,"
+                " cut_ns = cut_ns - ?",
+                (24 * 60 * NS_PER_MINUTE, 24 * 60 * NS_PER_MINUTE),
+            )
+    finally:
+        store.close()
+    again = env.json("collect", "--source", "node-01")["compaction"]
+    assert again["ran"] is True
+    assert again["cut"] >= doc["compaction"]["cut"]
+    env.check_no_secrets()

@@ -202,7 +202,7 @@ def _billing(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "needle"),
     [
         (("usage", "--nope"), "no such option '--nope'"),
-        (("colect",), "did you mean 'collect'"),
+        (("colect",), "did you mean one of: 'collect'"),
         (("usage", "--by", "week"), "'week' is not one of"),
         (("integrity", "ack", "--source"), "'--source' requires an argument"),
         (("sources", "add"), "missing argument"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ rule_version = "test-1"
 """
 
 
+# Yesterday (UTC): inside the default retention horizon (35 days) whenever the suite runs.
+DAY = (datetime.now(UTC) - timedelta(days=1)).strftime("%Y-%m-%d")
+
+
 def s(uuid: str, up: Any, down: Any, tag: str = "vless-in") -> dict[str, Any]:
     return {
         "uuid": uuid,
@@ -44,7 +49,7 @@ def it(minute: int, samples: list[dict[str, Any]], node: str = "node-a") -> dict
     return {
         "node_id": node,
         "env": "prod",
-        "collected_at": f"2026-11-24T10:{minute:02d}:05.123456789Z",
+        "collected_at": f"{DAY}T10:{minute:02d}:05.123456789Z",
         "counter_epoch": "boot-1",
         "samples": samples,
     }
@@ -108,6 +113,7 @@ def test_summary_numbers_exact_and_reingest_is_noop(
         "duplicates": 0,
         "conflicts": 0,
         "rejected_samples": 1,
+        "beyond_retention": 0,
         "anomalies": 0,
         "buckets_changed": 3,
         "postings": 3,
@@ -319,13 +325,15 @@ def test_bad_samples_recorded_valid_rest_applied(
         ],
         node="node-a",
     )
-    bad["collected_at"] = "2026-11-24T10:01:30Z"
+    bad["collected_at"] = f"{DAY}T10:01:30Z"
     bad["samples"].insert(0, s("ok", 1500, 0))
     no_zone = it(2, [s("ok", 2000, 0), s("x", 1, 1)])
-    no_zone["collected_at"] = "2026-11-24T10:02:05"
+    no_zone["collected_at"] = f"{DAY}T10:02:05"
     # 2^64 and beyond written by hand: one sample rejected, not the document.
     huge = (
-        b'{"node_id":"node-a","env":"prod","collected_at":"2026-11-24T10:03:05Z","samples":['
+        b'{"node_id":"node-a","env":"prod","collected_at":"'
+        + f"{DAY}T10:03:05Z".encode()
+        + b'","samples":['
         b'{"uuid":"huge","inbound_tag":"vless-in","uplink_bytes_total":'
         b'340282366920938463463374607431768211456,"downlink_bytes_total":0},'
         b'{"uuid":"ok","inbound_tag":"vless-in","uplink_bytes_total":2500,'
@@ -520,7 +528,7 @@ def test_a_spool_that_cannot_be_written_writes_nothing(
 def test_one_store_transaction_per_batch(
     cli: CliRunnerFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing_cli.store._common import SqlStore
+    from billing_cli.store.sql import SqlStore
 
     sizes: list[int] = []
     original = SqlStore.apply

@@ -12,7 +12,7 @@ import pytest
 from _period_data import setup
 
 from billing_cli.store import open_store
-from billing_cli.store._common import SqlStore
+from billing_cli.store.sql import SqlStore
 
 LIST_COLUMNS = [
     "period",

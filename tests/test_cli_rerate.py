@@ -11,7 +11,7 @@ import pytest
 from _period_data import FIRST, REGISTRY, setup, write
 
 from billing_cli.store import open_store
-from billing_cli.store._common import SqlStore
+from billing_cli.store.sql import SqlStore
 
 NEW_PRICE = (
     REGISTRY.replace('price_per_unit = "0.001"', 'price_per_unit = "0.002"')

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from billing_cli.core.types import Item, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store
-from billing_cli.store._common import SqlStore
 from billing_cli.store.base import Batch, RowFilter, Store
+from billing_cli.store.sql import SqlStore
 
 M = 60_000_000_000
 S = 1_000_000_000

@@ -209,6 +209,8 @@ def test_ingest_of_the_exporters_store_file_bills_exactly(
 ) -> None:
     registry = tmp_path / "sources.toml"
     registry.write_text(
+        # The recorded store file is dated 2026-11: a long horizon keeps it applicable.
+        '[defaults]\nretention = "36500d"\n'
         '[[sources]]\nsource_id = "tokyo-1"\nnode_id = "tokyo-1"\nenv = "prod"\n'
         'base_url = "https://exporter.tokyo-1.example.net:9443"\nauth_mode = "bearer"\n'
         'credential_ref = "env:TOKYO_TOKEN"\nca_bundle_ref = "system"\n' + DEFAULT_PRICING

@@ -29,8 +29,8 @@ from _read_data import REGISTRY, populate
 from conftest import CliRunnerFn
 
 from billing_cli.store import open_store
-from billing_cli.store._common import SqlStore
 from billing_cli.store.schema import SCHEMA_VERSION
+from billing_cli.store.sql import SqlStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,7 @@ from hostile_exporter import (
 
 from billing_cli._time import NS_PER_MINUTE
 from billing_cli.store import open_store
-from billing_cli.store._common import SqlStore
+from billing_cli.store.sql import SqlStore
 
 __all__ = ["hostile"]
 

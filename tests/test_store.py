@@ -13,7 +13,6 @@ from billing_cli._errors import StoreError
 from billing_cli.core.types import Item, Rejection, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store, redact_url
-from billing_cli.store._common import SqlStore
 from billing_cli.store.base import (
     ApplyReport,
     Batch,
@@ -23,6 +22,7 @@ from billing_cli.store.base import (
     Store,
 )
 from billing_cli.store.schema import SCHEMA_VERSION
+from billing_cli.store.sql import SqlStore
 
 M = 60_000_000_000
 T0 = 1_790_000_000 * 1_000_000_000 - (1_790_000_000 * 1_000_000_000) % M  # a minute start
@@ -439,11 +439,11 @@ def test_schema_created_on_first_use_and_reopen_keeps_data(db_url: str) -> None:
 def _previous_release(db_url: str, version: int, monkeypatch: pytest.MonkeyPatch) -> SqlStore:
     """A store whose schema is at ``version``, as that release created it (its rows are
     then written with plain SQL: today's apply writes today's columns)."""
-    from billing_cli.store import _common, schema
+    from billing_cli.store import schema, sql
 
     with monkeypatch.context() as m:
-        m.setattr(_common, "SCHEMA_VERSION", version)
-        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:version])
+        m.setattr(sql, "SCHEMA_VERSION", version)
+        m.setattr(sql, "migrations", lambda d: schema.migrations(d)[:version])
         s = cast(SqlStore, open_store(db_url))
     assert s.db.execute("SELECT max(version) FROM schema_version") == [(version,)]
     return s
@@ -503,11 +503,11 @@ def test_a_version_2_database_gains_the_freshness_columns(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Version 3 adds what health measures from the data; old checkpoints keep theirs."""
-    from billing_cli.store import _common, schema
+    from billing_cli.store import schema, sql
 
     with monkeypatch.context() as m:  # what the previous release created
-        m.setattr(_common, "SCHEMA_VERSION", 2)
-        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:2])
+        m.setattr(sql, "SCHEMA_VERSION", 2)
+        m.setattr(sql, "migrations", lambda d: schema.migrations(d)[:2])
         s = open_store(db_url)
         cast(SqlStore, s).db.execute(
             "INSERT INTO source_checkpoints (source_id, node_id, env, last_successful_until_ns,"
@@ -616,12 +616,12 @@ def test_a_version_4_database_gains_run_processes_and_event_fingerprints(
     """Version 5: a run left unfinished by the previous release has no pid (its process
     cannot be told: never 'abandoned'); its rejection events have no fingerprint and stay."""
     from billing_cli.core.types import Rejection
-    from billing_cli.store import _common, schema
+    from billing_cli.store import schema, sql
 
     rej = Rejection(T0, "n1", "prod", "u", "t", "uuid contains a NUL character")
     with monkeypatch.context() as m:
-        m.setattr(_common, "SCHEMA_VERSION", 4)
-        m.setattr(_common, "migrations", lambda d: schema.migrations(d)[:4])
+        m.setattr(sql, "SCHEMA_VERSION", 4)
+        m.setattr(sql, "migrations", lambda d: schema.migrations(d)[:4])
         s = open_store(db_url)
         db = cast(SqlStore, s).db
         with db.transaction():
@@ -647,6 +647,44 @@ def test_a_version_4_database_gains_run_processes_and_event_fingerprints(
         s2.apply(Batch([], run, PRICING, "s1", rejections=[rej]))
         # The old event stays; the new one is stored once.
         assert len(list(s2.iter_integrity_events(kind="rejected"))) == 2
+    finally:
+        s2.close()
+
+
+def test_a_version_5_database_gains_the_retention_state_and_event_kind(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6: events are kept as they were (ids, fingerprints, acknowledgements), the
+    kind ``beyond_retention`` is accepted, and nothing is compacted yet."""
+    s = _previous_release(db_url, 5, monkeypatch)
+    with s.db.transaction():
+        s.db.executemany(
+            "INSERT INTO integrity_events (id, kind, node_id, env, uuid, inbound_tag,"
+            " collected_at_ns, source_id, run_id, detail, created_at_ns, acknowledged_at_ns,"
+            " fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                (3, "conflict", "n1", "prod", "a", "t", T0, "s1", 1, "c", 5, None, None),
+                (7, "rejected", "n1", "prod", "", "", None, "s1", 1, "r", 6, 9, b"f" * 16),
+            ],
+        )
+    before = s.db.execute("SELECT * FROM integrity_events ORDER BY id")
+    s.close()
+    s2 = cast(SqlStore, open_store(db_url))
+    try:
+        assert s2.db.execute("SELECT * FROM integrity_events ORDER BY id") == before
+        assert s2.db.execute("SELECT cut_ns, cycle_next FROM retention_state") == [(-(2**63), None)]
+        run = s2.start_run("ingest", [])
+        rep = s2.apply(Batch([item(T0, ("a", 1, 1))], run, PRICING, retention_ns=M))
+        assert rep.beyond_retention == 1
+        kinds = sorted(e.kind for e in s2.iter_integrity_events(open_only=False))
+        assert kinds == ["beyond_retention", "conflict", "rejected"]
+        # The unique fingerprint index survived the rebuild.
+        with pytest.raises(s2.db.errors), s2.db.transaction():
+            s2.db.execute(
+                "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, detail,"
+                " created_at_ns, fingerprint) VALUES ('rejected','n','e','','','x',1,?)",
+                (b"f" * 16,),
+            )
     finally:
         s2.close()
 

@@ -18,8 +18,9 @@ from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.core.types import Item, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store
-from billing_cli.store._common import _SCAN_MIN, SqlStore
 from billing_cli.store.base import Batch, RowFilter, Store
+from billing_cli.store.sql import SqlStore
+from billing_cli.store.write.observations import _SCAN_MIN
 
 P = Pricing(price_per_unit="0.05", unit="GB", rule_version="t")
 T0 = parse_rfc3339_ns("2026-03-10T12:00:00Z")

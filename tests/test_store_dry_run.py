@@ -23,9 +23,9 @@ from test_store import PRICING, T0, M, batch, dump, item, usage
 from billing_cli._errors import StoreError
 from billing_cli.core.types import Item, Rejection
 from billing_cli.pricing import Pricing
-from billing_cli.store import _common, open_store
-from billing_cli.store._common import SqlStore
+from billing_cli.store import dry_run, open_store
 from billing_cli.store.base import ApplyReport, Batch, CheckpointAdvance, Store
+from billing_cli.store.sql import SqlStore
 
 S = 1_000_000_000
 QUOTA = Pricing(
@@ -178,7 +178,7 @@ def test_no_row_lock_is_held_between_pages_postgres(postgres_url: str) -> None:
 def test_a_dry_run_of_mostly_new_data_stops_at_the_bound(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_common, "DRY_RUN_MAX_NEW", 3)
+    monkeypatch.setattr(dry_run, "DRY_RUN_MAX_NEW", 3)
     store = open_store(str(tmp_path / "b.db"))
     try:
         with store.dry_run():

@@ -16,8 +16,9 @@ import pytest
 from billing_cli.core.types import Item, Rejection, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import open_store
-from billing_cli.store._common import MAX_REJECTION_EVENTS_PER_ITEM, SqlStore
 from billing_cli.store.base import Batch, Store
+from billing_cli.store.integrity import MAX_REJECTION_EVENTS_PER_ITEM
+from billing_cli.store.sql import SqlStore
 
 M = 60_000_000_000
 T0 = 1_790_000_000 * 1_000_000_000 - (1_790_000_000 * 1_000_000_000) % M

@@ -19,8 +19,9 @@ from test_convergence import PRICING, Fleet, deliveries, fleets
 from billing_cli._time import NS_PER_MINUTE, parse_rfc3339_ns
 from billing_cli.core.types import Item, Sample
 from billing_cli.store import open_store
-from billing_cli.store._common import REMEMBER_ITEMS_NS, SqlStore
 from billing_cli.store.base import ApplyReport, Batch, RowFilter, Store
+from billing_cli.store.sql import SqlStore
+from billing_cli.store.write.grouping import REMEMBER_ITEMS_NS
 
 T0 = parse_rfc3339_ns("2026-05-04T10:00:00Z")
 

@@ -20,8 +20,8 @@ from billing_cli.core.periods import parse_period
 from billing_cli.core.types import Item, Sample
 from billing_cli.pricing import Pricing
 from billing_cli.store import _periods, open_store
-from billing_cli.store._common import SqlStore
 from billing_cli.store.base import Batch, RerateReport, RowFilter, Store
+from billing_cli.store.sql import SqlStore
 
 M = 60_000_000_000
 OCT, NOV, DEC, JAN = (parse_period(p) for p in ("2025-10", "2025-11", "2025-12", "2026-01"))

@@ -18,6 +18,7 @@ runs hold their locks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -46,12 +47,21 @@ from billing_cli.cli._pull import (
     run_outcome,
     store_and_locks,
 )
+from billing_cli.cli._retention import (
+    COLLECT_COMPACT_BUDGET_S,
+    beyond_retention_note,
+    compaction_json,
+    compaction_line,
+    retention_ns,
+)
 from billing_cli.cli._runlog import log_outcomes
 from billing_cli.cli._tables import print_notes, result_table, status_text
 from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
 from billing_cli.collect.schedule import is_due, pull_start
 from billing_cli.health import lag_seconds
-from billing_cli.store.base import Checkpoint
+from billing_cli.store.base import Checkpoint, CompactReport
+
+log = logging.getLogger("billing_cli.collect")
 
 HELP = """\
 Pull every due source once and apply what it returns (what cron runs every minute).
@@ -62,6 +72,11 @@ source's checkpoint, so a crash never loses or double-counts anything. Sources r
 concurrently; one failing source never stops the others. A source another run is still
 collecting is skipped, not failed. A source whose collect_interval has not elapsed since
 its last attempt is not due and is skipped quietly (unless named with --source).
+
+Retention needs nothing extra: at most once a day collect starts compacting the
+observations older than [defaults] retention (default 35d) and spends at most a second
+per run on it until done (like `billing compact`); data older than the horizon is refused
+and counted as beyond_retention.
 
 Exit codes: 0 all processed sources ok; 1 at least one source failed (the others were
 still committed); 2 configuration error; 4 database error; 75 every selected source was
@@ -178,7 +193,10 @@ def collect_command(
         run_id = store.start_run("collect", [s.source_id for s in due])
         outcomes = locked_outcomes(by_id, locked, now)
         settings = PullSettings(
-            chunk_s=defaults.chunk_s, page_limit=defaults.page_limit, budget_s=budget_s
+            chunk_s=defaults.chunk_s,
+            page_limit=defaults.page_limit,
+            budget_s=budget_s,
+            retention_s=defaults.retention_s,
         )
         outcomes.update(
             pull(
@@ -196,9 +214,19 @@ def collect_command(
         )
         ordered = [outcomes[s.source_id] for s in due]
         finish_run(store, run_id, "collect", ordered)
+        # Retention needs nothing extra under cron: at most once a day a compaction cycle
+        # starts, and every run spends at most a bounded time continuing it.
+        compaction = store.compact(
+            now_ns=now_ns(),
+            retention_ns=retention_ns(registry),
+            budget_s=COLLECT_COMPACT_BUDGET_S,
+            daily=True,
+        )
+        if compaction.ran:
+            log.info(compaction_line(compaction))
         after = {cp.source_id: cp for cp in store.list_checkpoints()}
         code = exit_code_for(ordered)
-        _report(app, json_out, run_id, ordered, after, not_due, code, wide=wide)
+        _report(app, json_out, run_id, ordered, after, not_due, code, compaction, wide=wide)
         return int(code)
 
 
@@ -259,6 +287,7 @@ def _report(
     after: dict[str, Checkpoint],
     not_due: list[str],
     code: ExitCode,
+    compaction: CompactReport,
     *,
     wide: bool = False,
 ) -> None:
@@ -270,6 +299,7 @@ def _report(
             "exit_code": int(code),
             "sources": [outcome_json(o, after.get(o.source_id), now) for o in outcomes],
             "not_due": not_due,
+            "compaction": compaction_json(compaction) if compaction.ran else None,
         }
         typer.echo(orjson.dumps(doc).decode())
         return
@@ -278,9 +308,12 @@ def _report(
     if app.quiet:
         echo_failures(outcomes)
         return
+    lines = collect_lines(outcomes)
+    if compaction.ran:
+        lines.append(("retention", compaction_line(compaction)))
     if app.interactive:
         app.out.print(collect_table(outcomes, after, now, run_id, wide=wide))
-        print_notes(app.out, collect_lines(outcomes))
+        print_notes(app.out, lines)
         return
     # Under cron: a short summary, one line per source that needs attention.
     for o in outcomes:
@@ -289,6 +322,8 @@ def _report(
         elif o.status == "skipped":
             typer.echo(f"skipped: source '{o.source_id}': {o.note}", err=True)
     typer.echo(summary_line("collect", run_id, outcomes))
+    if compaction.ran:
+        typer.echo(compaction_line(compaction))
 
 
 def summary_line(kind: str, run_id: int, outcomes: list[SourceOutcome]) -> str:
@@ -298,9 +333,11 @@ def summary_line(kind: str, run_id: int, outcomes: list[SourceOutcome]) -> str:
     samples = sum(o.report.samples for o in outcomes)
     new = sum(o.report.new_observations for o in outcomes)
     buckets = sum(o.report.buckets_changed for o in outcomes)
+    beyond = sum(o.report.beyond_retention for o in outcomes)
     return (
         f"{kind} run {run_id}: {n('ok')} ok, {n('failed')} failed, {n('skipped')} skipped; "
         f"{samples} samples, {new} new observations, {buckets} buckets changed"
+        + (f", {beyond} samples beyond the retention horizon refused" if beyond else "")
     )
 
 
@@ -352,9 +389,16 @@ def collect_table(
 
 
 def collect_lines(outcomes: list[SourceOutcome]) -> list[tuple[str, str]]:
-    """Below the table: one note per source with an error or a note (full width)."""
-    return [
+    """Below the table: one note per source with an error or a note (full width), and
+    per source the samples refused as older than the retention horizon."""
+    lines = [
         (o.source_id, f"error: {o.error}" if o.error else o.note or "")
         for o in outcomes
         if o.error or o.note
     ]
+    lines += [
+        (o.source_id, beyond_retention_note(o.report.beyond_retention))
+        for o in outcomes
+        if o.report.beyond_retention
+    ]
+    return lines

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "status_command"),
     "integrity": ("integrity", "app"),
     "reconcile": ("reconcile", "reconcile_command"),
+    "compact": ("compact", "compact_command"),
     "sources": ("sources", "app"),
     "ingest": ("ingest", "ingest_command"),
     "usage": ("usage", "usage_command"),

@@ -32,6 +32,7 @@ from billing_cli._errors import IdentityMismatchError, InputError, StoreError
 from billing_cli._time import format_rfc3339_ns
 from billing_cli.cli._context import AppContext, get_context
 from billing_cli.cli._pricing import warn_if_unpriced
+from billing_cli.cli._retention import retention_ns
 from billing_cli.cli._spool import Spool
 from billing_cli.core.money import format_amount
 from billing_cli.core.types import Item, Rejection
@@ -60,7 +61,9 @@ samples are counted as duplicates and change nothing.
 
 Invalid samples (negative, float or out-of-range counters, missing uuid,
 timestamps without a zone, ...) and conflicting re-deliveries are recorded as
-integrity events and counted; the valid rest is applied.
+integrity events and counted; the valid rest is applied. Items older than the
+retention horizon ([defaults] retention, default 35d) are refused and counted
+as beyond retention.
 
 Pricing comes from the registry's [pricing] table. Without a registry file
 (and without --source) everything rates at zero, with a warning.
@@ -128,7 +131,7 @@ def ingest_command(
             pricing = Pricing()
         elif registry is not None:
             warn_if_unpriced(app, registry)
-        report, run_id, stats.batches = _apply(app, spool, name, source, pricing, stats)
+        report, run_id, stats.batches = _apply(app, spool, name, source, pricing, stats, registry)
     _print_summary(app, report, stats, run_id, source, pricing, json_out)
 
 
@@ -280,6 +283,7 @@ def _apply(
     source: str | None,
     pricing: Pricing,
     stats: _InputStats,
+    registry: Registry | None,
 ) -> tuple[ApplyReport, int, int]:
     from billing_cli.store import open_store
 
@@ -287,6 +291,7 @@ def _apply(
     unspooling = 0.0
     batches = 0
     store = open_store(app.db_url)
+    retention = retention_ns(registry)
     try:
         run_id = store.start_run("ingest", [source] if source else [])
         report = ApplyReport()
@@ -316,6 +321,7 @@ def _apply(
                             pricing=pricing,
                             source_id=source,
                             rejections=rejections,
+                            retention_ns=retention,
                         )
                     )
                     batches += 1
@@ -387,6 +393,7 @@ def _counts(report: ApplyReport) -> dict[str, int]:
         "duplicates": report.duplicates,
         "conflicts": report.conflicts,
         "rejected_samples": report.rejected,
+        "beyond_retention": report.beyond_retention,
         "anomalies": report.anomalies,
         "buckets_changed": report.buckets_changed,
         "postings": report.postings,
@@ -432,6 +439,7 @@ def _print_summary(
         "duplicates": "duplicates",
         "conflicts": "conflicts",
         "rejected_samples": "rejected samples",
+        "beyond_retention": "beyond retention",
         "anomalies": "counter anomalies",
         "buckets_changed": "buckets changed",
         "postings": "ledger postings",

@@ -61,6 +61,7 @@ from billing_cli.cli._pull import (
     run_outcome,
     store_and_locks,
 )
+from billing_cli.cli._retention import beyond_retention_note
 from billing_cli.cli._runlog import log_outcomes
 from billing_cli.cli._tables import print_notes, result_table, second_text, status_text
 from billing_cli.collect.collector import PullSettings, PullTask, SourceOutcome
@@ -77,6 +78,9 @@ completeness: the minutes in the range with no item from the source. Re-delivere
 changes nothing, so a reconcile is always safe. Checkpoints are never touched; the
 source's lock is taken. --until in the future is capped at now; --source-timeout bounds
 each source (default 1h). The table fits 80 columns; --wide shows every column.
+
+Data older than the retention horizon ([defaults] retention, default 35d) is refused and
+counted (beyond_retention), never applied: its neighbours may be compacted away.
 
 --dry-run produces the same report and writes nothing (each page is rolled back at once,
 so it never blocks collect), which makes it a comparison tool: e.g. during the move from
@@ -196,6 +200,7 @@ def reconcile_command(
             page_limit=defaults.page_limit,
             budget_s=budget_s,
             collect_bucket_changes=True,
+            retention_s=defaults.retention_s,
         )
         outcomes = locked_outcomes(by_id, locked, now)
         outcomes.update(
@@ -307,6 +312,7 @@ def source_report(o: SourceOutcome, since_ns: int, until_ns: int) -> dict[str, A
         "duplicates": r.duplicates,
         "conflicts": r.conflicts,
         "rejected": r.rejected,
+        "beyond_retention": r.beyond_retention,
         "anomalies": r.anomalies,
         "buckets_repaired": len(changes) if changes else r.buckets_changed,
         "bytes_delta": sum(
@@ -441,6 +447,8 @@ def reconcile_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     for s in doc["sources"]:
         if s["error"] or s["note"]:
             out.append((s["source_id"], s["error"] or s["note"]))
+        if s["beyond_retention"]:
+            out.append((s["source_id"], beyond_retention_note(s["beyond_retention"])))
     out.extend(("note", note) for note in doc["notes"])
     if doc["dry_run"]:
         out.append(("dry run", "nothing was written"))

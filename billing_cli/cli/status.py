@@ -159,7 +159,10 @@ def _delivery(run: SourceRunResult | None) -> Delivery | None:
     """What the last collect delivered; None when it delivered nothing (nothing to judge)."""
     if run is None:
         return None
-    samples, refused = run.counts.get("samples", 0), run.counts.get("rejected", 0)
+    # Samples older than the retention horizon are refused like rejected ones: a source
+    # whose clock is far behind bills nothing, and must not look healthy.
+    samples = run.counts.get("samples", 0)
+    refused = run.counts.get("rejected", 0) + run.counts.get("beyond_retention", 0)
     if samples + refused == 0:
         return None
     return Delivery(samples=samples, refused=refused, top_refusal=redact_error(run.top_rejection))

@@ -161,6 +161,8 @@ class PullSettings:
     page_samples: int = 48_000
     budget_s: float = 300.0
     collect_bucket_changes: bool = False
+    # [defaults] retention: items older than the run's start minus this are refused.
+    retention_s: float | None = None
 
 
 @dataclass
@@ -193,6 +195,7 @@ class SourceOutcome:
             "duplicates": r.duplicates,
             "conflicts": r.conflicts,
             "rejected": r.rejected,
+            "beyond_retention": r.beyond_retention,
             "anomalies": r.anomalies,
             "buckets_changed": r.buckets_changed,
             "bytes": r.bytes,
@@ -492,6 +495,7 @@ def _batch(
         rejections=rejections,
         checkpoint=advance,
         collect_bucket_changes=settings.collect_bucket_changes,
+        retention_ns=None if settings.retention_s is None else int(settings.retention_s * 1e9),
     )
 
 

@@ -102,6 +102,9 @@ def _server_name(value: str) -> str:
 
 
 Duration = Annotated[str, BeforeValidator(_duration)]
+
+DEFAULT_RETENTION = "35d"  # Stripe's window for late meter events (DESIGN §6)
+MIN_RETENTION_S = 86400.0
 SecretRef = Annotated[str, BeforeValidator(_secret_ref)]
 CaRef = Annotated[str, BeforeValidator(_ca_ref)]
 NonEmpty = Annotated[str, AfterValidator(_not_blank)]
@@ -157,6 +160,9 @@ class Defaults(BaseModel):
     page_limit: StrictInt = Field(default=1000, ge=1, le=100_000)
     stale_after: Duration | None = None
     max_refused_share: RefusedShare = 0.1
+    # How late data may arrive (DESIGN §6): observations older than this are compacted
+    # away and data older than it is refused (``beyond_retention``).
+    retention: Duration = DEFAULT_RETENTION
 
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> Defaults:
@@ -165,7 +171,16 @@ class Defaults(BaseModel):
                 f"request_timeout ({self.request_timeout}) must be shorter than "
                 f"collect_interval ({self.collect_interval})"
             )
+        if self.retention_s < MIN_RETENTION_S:
+            raise ValueError(
+                f"retention ({self.retention}) must be at least 1d: a shorter horizon would"
+                " refuse what a delayed pull or a reconcile of yesterday still delivers"
+            )
         return self
+
+    @property
+    def retention_s(self) -> float:
+        return parse_duration_seconds(self.retention)
 
     @property
     def collect_interval_s(self) -> float:

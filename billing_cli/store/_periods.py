@@ -1,7 +1,7 @@
 """Accounting periods in the store (DESIGN §5a): close, list, statement, re-rate.
 
-Shared by both back ends like :mod:`billing_cli.store._common`, whose ``SqlStore``
-delegates to these functions. What a period *is* and where a correction of a closed
+Shared by both back ends like the other parts of the store; ``SqlStore`` delegates to
+these functions. What a period *is* and where a correction of a closed
 period is accounted are decided in :mod:`billing_cli.core.periods`; what a statement
 says, in :mod:`billing_cli.core.statement`. Here: the SQL around them.
 
@@ -24,10 +24,12 @@ from billing_cli.core.statement import Statement, StatementPart, build_statement
 from billing_cli.core.types import SeriesKey
 from billing_cli.pricing import Pricing
 from billing_cli.store.base import PeriodClose, PeriodTotals, RerateReport, RowFilter
+from billing_cli.store.dialect import _LEDGER_COLS
 from billing_cli.store.schema import month_start_sql
 
 if TYPE_CHECKING:
-    from billing_cli.store._common import KeyCol, Row, SqlStore
+    from billing_cli.store.dialect import KeyCol, Row
+    from billing_cli.store.sql import SqlStore
 
 # Buckets per re-rate page (one transaction). A page holds whole accounts: an account's
 # month is rated as one sequence (its included quota), so a page may exceed this by at
@@ -359,8 +361,6 @@ def _rerate_page(
             report.accounts[uuid] = acc
             report.postings += acc[0]
     if postings:
-        from billing_cli.store._common import _LEDGER_COLS
-
         db.bulk_insert("ledger_postings", _LEDGER_COLS, postings)
         db.update_buckets(updates)
     return report, uuids[-1], len(uuids)

@@ -22,13 +22,16 @@ RunKind = Literal["collect", "reconcile", "ingest", "demo", "period_close", "rer
 # before the source finished; "abandoned" is only ever shown, for a run whose process is
 # gone without recording an outcome (killed).
 RunOutcome = Literal["ok", "failed", "skipped", "interrupted", "abandoned"]
-IntegrityKind = Literal["conflict", "anomaly", "rejected", "identity_mismatch"]
+IntegrityKind = Literal["conflict", "anomaly", "rejected", "identity_mismatch", "beyond_retention"]
 INTEGRITY_KINDS: tuple[IntegrityKind, ...] = (
     "conflict",
     "anomaly",
     "rejected",
     "identity_mismatch",
+    "beyond_retention",
 )
+# The retention horizon of DESIGN §6 when the registry does not set one ([defaults]).
+DEFAULT_RETENTION_NS = 35 * 86400 * 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ApplyReport:
     duplicates: int = 0
     conflicts: int = 0
     rejected: int = 0
+    beyond_retention: int = 0  # samples refused: older than the retention horizon
     anomalies: int = 0
     buckets_changed: int = 0
     bytes: int = 0  # net bytes (uplink + downlink) added to usage buckets
@@ -115,6 +119,7 @@ class ApplyReport:
             "duplicates",
             "conflicts",
             "rejected",
+            "beyond_retention",
             "anomalies",
             "buckets_changed",
             "bytes",
@@ -141,6 +146,26 @@ class Batch:
     rejections: list[Rejection] = field(default_factory=list)
     checkpoint: CheckpointAdvance | None = None
     collect_bucket_changes: bool = False  # reconcile wants the detailed list
+    # Items older than ``max(cut, run start - retention)`` are refused (beyond_retention);
+    # None: only those before the cut (compacted data), whatever their age. Every command
+    # passes the registry's ``[defaults] retention``.
+    retention_ns: int | None = None
+
+
+@dataclass
+class CompactReport:
+    """What one compaction did (or, for a dry run, would do)."""
+
+    ran: bool  # False: collect's daily cycle had nothing to do yet
+    dry_run: bool
+    cut_before_ns: int  # the horizon of compacted data before (0: never compacted)
+    cut_ns: int  # ... and after; data older than it is refused
+    target_ns: int  # the cut this cycle compacts to
+    complete: bool  # every observation before target_ns is compacted
+    observations_removed: int = 0
+    item_digests_removed: int = 0
+    series_kept: int = 0  # series whose last observation before the cut is kept (anchor)
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +347,23 @@ class Store(Protocol):
 
     def dry_run(self) -> AbstractContextManager[None]:
         """Inside this block every ``apply`` runs in one transaction rolled back at exit."""
+        ...
+
+    # retention (DESIGN §6) ------------------------------------------------------------
+    def compact(
+        self,
+        *,
+        now_ns: int,
+        retention_ns: int,
+        budget_s: float | None = None,
+        dry_run: bool = False,
+        daily: bool = False,
+    ) -> CompactReport:
+        """Compact observations older than the horizon ``now - retention`` (hour-aligned),
+        keeping each series' last observation before it, and prune item digests with them.
+        Bounded by ``budget_s`` (each step its own transaction; the next call continues).
+        ``daily``: start a new cycle only if the last one started a day ago or more
+        (collect's own compaction); otherwise only continue an unfinished one."""
         ...
 
     # checkpoints --------------------------------------------------------------------

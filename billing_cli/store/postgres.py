@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from billing_cli.store._common import (
+from billing_cli.store.dialect import (
     _ADD_UUID_USAGE,
     _BUCKET_COLS,
     _LEDGER_COLS,
@@ -21,8 +21,8 @@ from billing_cli.store._common import (
     Dialect,
     KeyCol,
     Row,
-    SqlStore,
 )
+from billing_cli.store.sql import SqlStore
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
@@ -84,6 +84,11 @@ class PostgresDialect(Dialect):
         with self.conn.cursor() as cur:
             cur.executemany(self.q(sql), rows)
 
+    def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(self.q(sql), params)
+            return int(cur.rowcount)
+
     def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         with self.conn.cursor() as cur:
             yield from cur.stream(self.q(sql), params)
@@ -127,6 +132,13 @@ class PostgresDialect(Dialect):
         # and the two-key form never collides with the one-key per-source locks.
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         self.execute(f"SELECT {fn}(hashtext('billing:periods'), hashtext(current_schema()))")
+
+    def lock_retention(self, *, exclusive: bool) -> None:
+        # The same kind of lock as lock_periods, its own key: a compaction raising the cut
+        # waits for the applies in flight (each read the old cut) and holds new ones until
+        # it commits; applies never block each other.
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        self.execute(f"SELECT {fn}(hashtext('billing:retention'), hashtext(current_schema()))")
 
     def bulk_insert(self, table: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         types = _COPY_TYPES.get((table, tuple(cols)))

@@ -16,7 +16,8 @@ period (``period_start_ns``) and its byte differences, and adds ``closed_periods
 ``closed_period_accounts`` (a close is final). Version 5 records which process runs a
 run (so a run whose process is gone shows as abandoned) and a fingerprint per
 rejection event (so the overlap re-delivering a bad item does not store its
-rejection again).
+rejection again). Version 6 adds the retention state (how far compaction has gone) and
+the integrity event kind ``beyond_retention``.
 
 Migrations are a list of steps; a step's version is its position in :data:`_STEPS` (so
 renumbering when branches merge is moving a line); ``schema_version`` records the applied
@@ -392,6 +393,62 @@ def _render_periods(dialect: Dialect) -> list[str]:
     ]
 
 
+# --- retention (version 6) ---------------------------------------------------------------
+
+# How far compaction has gone (``cut_ns``: data before it is gone and refused; it only
+# moves forward) and the state of the current compaction cycle: when it started (collect
+# starts one at most once a day), the cut it compacts to, and the last series it finished
+# (NULL: no cycle in progress). Integrity events gain the kind ``beyond_retention``.
+_RETENTION_TABLE = """
+CREATE TABLE retention_state (
+    id {BIGINT} PRIMARY KEY CHECK (id = 1),
+    cut_ns {BIGINT} NOT NULL,
+    cycle_started_at_ns {BIGINT},
+    cycle_target_ns {BIGINT},
+    cycle_next {BIGINT}
+);
+INSERT INTO retention_state (id, cut_ns) VALUES (1, -9223372036854775808);
+"""
+_EVENT_KINDS = "'conflict', 'anomaly', 'rejected', 'identity_mismatch', 'beyond_retention'"
+# SQLite cannot alter a CHECK constraint: the table is rebuilt (ids, and so the order of
+# events, kept), with its indexes.
+_EVENT_KIND_SQLITE = f"""
+CREATE TABLE integrity_events_v6 (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ({_EVENT_KINDS})),
+    node_id TEXT NOT NULL,
+    env TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    inbound_tag TEXT NOT NULL,
+    collected_at_ns INTEGER,
+    source_id TEXT,
+    run_id INTEGER,
+    detail TEXT NOT NULL,
+    created_at_ns INTEGER NOT NULL,
+    acknowledged_at_ns INTEGER,
+    fingerprint BLOB
+);
+INSERT INTO integrity_events_v6 (id, kind, node_id, env, uuid, inbound_tag, collected_at_ns,
+    source_id, run_id, detail, created_at_ns, acknowledged_at_ns, fingerprint)
+SELECT id, kind, node_id, env, uuid, inbound_tag, collected_at_ns, source_id, run_id, detail,
+    created_at_ns, acknowledged_at_ns, fingerprint FROM integrity_events;
+DROP TABLE integrity_events;
+ALTER TABLE integrity_events_v6 RENAME TO integrity_events;
+CREATE UNIQUE INDEX integrity_events_fingerprint ON integrity_events (fingerprint);
+CREATE INDEX integrity_events_by_source ON integrity_events (source_id, kind, id);
+"""
+_EVENT_KIND_POSTGRES = f"""
+ALTER TABLE integrity_events DROP CONSTRAINT integrity_events_kind_check;
+ALTER TABLE integrity_events ADD CONSTRAINT integrity_events_kind_check
+    CHECK (kind IN ({_EVENT_KINDS}));
+"""
+
+
+def _render_retention(dialect: Dialect) -> list[str]:
+    kinds = _EVENT_KIND_SQLITE if dialect == "sqlite" else _EVENT_KIND_POSTGRES
+    return [*_split(_RETENTION_TABLE.format(**_TOKENS[dialect])), *_split(kinds)]
+
+
 def _ddl(script: str) -> Callable[[Dialect], list[str]]:
     return lambda dialect: _split(script.format(**_TOKENS[dialect]))
 
@@ -403,6 +460,7 @@ _STEPS: list[Callable[[Dialect], list[str]]] = [
     _ddl(_V3_COLUMNS),
     _render_periods,
     _ddl(_RUN_PROCESS_AND_EVENT_FINGERPRINTS),
+    _render_retention,
 ]
 SCHEMA_VERSION = len(_STEPS)
 

@@ -26,7 +26,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 from urllib.parse import quote
 
-from billing_cli.store._common import _ADD_UUID_USAGE, Dialect, KeyCol, Row, SqlStore
+from billing_cli.store.dialect import _ADD_UUID_USAGE, Dialect, KeyCol, Row
+from billing_cli.store.sql import SqlStore
 
 # SQLite's default limit of host parameters per statement is 32766.
 _MAX_PARAMS = 30000
@@ -175,6 +176,9 @@ class SQLiteDialect(Dialect):
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self.conn.executemany(sql, rows)
+
+    def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self.conn.execute(sql, params).rowcount)
 
     def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         yield from self.conn.execute(sql, params)
