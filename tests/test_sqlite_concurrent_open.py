@@ -26,3 +26,36 @@ def test_concurrent_first_opens_all_succeed(tmp_path: Path) -> None:
             e.strip().splitlines()[-1] for p, e in zip(procs, errors, strict=True) if p.returncode
         ]
         assert failed == [], f"trial {trial}: {failed}"
+
+
+def test_opening_a_current_schema_takes_no_write_lock(tmp_path: Path) -> None:
+    """A collect opening the store while another writer holds the lock (a long page, a
+    dry run's page) must not queue for the lock just to see the schema is current: it
+    used to fail after busy_timeout with "could not migrate the schema: database is
+    locked"."""
+    import sqlite3
+    import threading
+
+    from billing_cli.store import open_store
+
+    db = str(tmp_path / "b.db")
+    open_store(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+    opened: list[object] = []
+
+    def open_it() -> None:
+        try:
+            opened.append(open_store(db))
+        except Exception as exc:  # reported below
+            opened.append(exc)
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    thread.join(10)  # far below the 30 s busy_timeout an attempt at the lock would wait
+    holder.rollback()
+    holder.close()
+    assert not thread.is_alive(), "opening the store waited for the write lock"
+    store = opened[0]
+    assert not isinstance(store, Exception), store
+    store.close()  # type: ignore[attr-defined]

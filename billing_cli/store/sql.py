@@ -86,6 +86,16 @@ class SqlStore(DryRunPart, ReadsPart, RunsPart, IntegrityPart):
             )
 
     def _migrate(self) -> None:
+        # Looked at first without a write transaction: every collect opens the store, and
+        # one that queued for the write lock (behind a long writer) only to find the schema
+        # current would fail as "could not migrate the schema: database is locked".
+        if self.db.has_table("schema_version"):
+            rows = self.db.execute("SELECT max(version) FROM schema_version")
+            current = int(rows[0][0] or 0)
+            if current == SCHEMA_VERSION:
+                return
+            if current > SCHEMA_VERSION:
+                raise self._too_new(current)
         with self.db.transaction():
             self.db.migration_lock()
             self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
