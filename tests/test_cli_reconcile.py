@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -356,6 +358,7 @@ def test_a_long_dry_run_does_not_block_billing(make: MakeEnv) -> None:
 def test_until_in_the_future_is_capped_at_now_and_said_once(make: MakeEnv) -> None:
     """It walked ~27,000 empty hourly chunks up to 2030, for hours, holding the lock."""
     env = make(series=3, minutes=10)
+    open_store(env.db).close()  # a dry run needs the database it compares against
     node = env.sim.fleet.node("node-01")
     before = time.time_ns()
     res = env.run(
@@ -402,3 +405,27 @@ def test_a_range_of_too_many_chunks_is_a_flag_error(make: MakeEnv) -> None:
     assert res.exit_code == 2, res.output
     assert "chunks of 1h" in res.stderr
     assert env.sim.fleet.node("node-01").requests == []
+
+
+def test_a_dry_run_creates_and_migrates_nothing(make: MakeEnv, tmp_path: Path) -> None:
+    """'Writes nothing': not a new database file, not a schema upgrade."""
+    missing = tmp_path / "never-created.db"
+    env = make(series=3, minutes=5, db=str(missing))
+    res = env.run("reconcile", "--source", "node-01", "--since", "1h", "--dry-run")
+    assert res.exit_code == 4, res.output
+    assert "does not exist" in res.stderr
+    assert not missing.exists()
+    # An older schema is refused as it is, not upgraded by a dry run.
+    older = tmp_path / "older.db"
+    env2 = make(series=3, minutes=5, db=str(older))
+    assert env2.run("collect").exit_code == 0
+    con = sqlite3.connect(older)
+    con.execute("DELETE FROM schema_version WHERE version > 1")
+    con.commit()
+    con.close()
+    res = env2.run("reconcile", "--source", "node-01", "--since", "1h", "--dry-run")
+    assert res.exit_code == 4, res.output
+    assert "older than this billing" in res.stderr
+    con = sqlite3.connect(older)
+    assert con.execute("SELECT max(version) FROM schema_version").fetchone() == (1,)
+    con.close()

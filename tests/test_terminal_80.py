@@ -216,6 +216,7 @@ def test_a_long_single_source_pull_shows_chunks_pages_and_samples(
     registry = sim.write_registry(extra=DEFAULT_PRICING)
     registry.write_text('[defaults]\nchunk = "30m"\npage_limit = 5\n' + registry.read_text())
     sim.fleet.node("solo").set_fault("slow", delay_s=0.05)
+    open_store(str(tmp_path / "b.db")).close()  # what a dry run compares against
     res = run_in_pty(
         ["--registry", str(registry), "--db", str(tmp_path / "b.db"), command[0],
          "--source", "solo", "--since", "4h", *command[1:]],

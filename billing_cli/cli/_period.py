@@ -51,8 +51,9 @@ ZERO = format_amount(0)
 
 
 @contextmanager
-def open_store_for_writing(app: AppContext) -> Iterator[Store]:
-    """Open the store to write; a missing SQLite file is an error (nothing to act on)."""
+def open_store_for_writing(app: AppContext, *, migrate: bool = True) -> Iterator[Store]:
+    """Open the store to write; a missing SQLite file is an error (nothing to act on).
+    ``migrate=False`` (a dry run) leaves an older schema as it is: refused, not upgraded."""
     path = _sqlite_path(app.db_url)
     if path is not None and not path.exists():
         raise StoreError(
@@ -61,7 +62,7 @@ def open_store_for_writing(app: AppContext) -> Iterator[Store]:
         )
     from billing_cli.store import open_store
 
-    store = open_store(app.db_url)
+    store = open_store(app.db_url, migrate=migrate)
     try:
         yield store
     finally:

@@ -70,11 +70,12 @@ class Locks:
 
 
 @contextmanager
-def store_and_locks(app: AppContext) -> Iterator[tuple[Store, Locks]]:
-    """The run's store and lock set; every lock is released and the store closed at exit."""
+def store_and_locks(app: AppContext, *, dry_run: bool = False) -> Iterator[tuple[Store, Locks]]:
+    """The run's store and lock set; every lock is released and the store closed at exit.
+    A dry run creates and migrates nothing: it needs the database it compares against."""
     from billing_cli.store import open_store
 
-    store: Store = open_store(app.db_url)
+    store: Store = open_store(app.db_url, migrate=not dry_run)
     locks = Locks(locker_for(app.db_url))
     try:
         yield store, locks

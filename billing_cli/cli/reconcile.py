@@ -184,7 +184,7 @@ def reconcile_command(
 
     defaults = registry.defaults
     warn_if_unpriced(app, registry)
-    with store_and_locks(app) as (store, locks):
+    with store_and_locks(app, dry_run=dry_run) as (store, locks):
         got, locked = locks.acquire([s.source_id for s in selected])
         by_id = {s.source_id: s for s in selected}
         tasks = [

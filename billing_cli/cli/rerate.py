@@ -78,7 +78,7 @@ def rerate_command(
     pricing = registry.pricing
     total = RerateReport()
     run_id = 0
-    with open_store_for_writing(app) as store:
+    with open_store_for_writing(app, migrate=not dry_run) as store:
         store.check_rerate(period_ns, pricing)
         if not dry_run:
             run_id = store.start_run("rerate", [], actor=None)

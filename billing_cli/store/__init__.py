@@ -67,28 +67,30 @@ def parse_database_url(url: str) -> DatabaseTarget:
     return DatabaseTarget("sqlite", url, path)
 
 
-def open_store(url: str, *, read_only: bool = False) -> Store:
+def open_store(url: str, *, read_only: bool = False, migrate: bool = True) -> Store:
     """Open the store at ``url``: migrated on first use, or with ``read_only`` for the read
     commands — nothing is created, migrated or locked, a missing database or one without
     the billing schema is a ``StoreError`` ("no billing data in ..."), and the session
-    cannot write (SQLite ``mode=ro``, PostgreSQL ``default_transaction_read_only``)."""
+    cannot write (SQLite ``mode=ro``, PostgreSQL ``default_transaction_read_only``).
+    ``migrate=False`` (dry runs) opens for writing but, like a reader, creates and
+    migrates nothing: its writes are rolled back, its database must already be there."""
     target = parse_database_url(url)
     if target.backend == "postgres":
-        return _open_postgres(url, read_only=read_only)
-    return _open_sqlite(target.sqlite_path, read_only=read_only)
+        return _open_postgres(url, read_only=read_only, migrate=migrate)
+    return _open_sqlite(target.sqlite_path, read_only=read_only, migrate=migrate)
 
 
-def _open_sqlite(path: str, *, read_only: bool = False) -> Store:
+def _open_sqlite(path: str, *, read_only: bool = False, migrate: bool = True) -> Store:
     from billing_cli.store.sqlite import SQLiteStore
 
     if not path:
         raise StoreError("empty database path: pass --db FILE or set BILLING_DATABASE_URL")
-    if path == ":memory:" and read_only:
+    if path == ":memory:" and (read_only or not migrate):
         raise StoreError("no billing data in :memory: (a new in-memory database is empty)")
     if path != ":memory:":
         file = Path(path).expanduser()
         parent = file.parent
-        if read_only and not file.exists():
+        if (read_only or not migrate) and not file.exists():
             raise StoreError(
                 f"database {path} does not exist: nothing collected yet "
                 "(run `billing collect` or `billing ingest FILE`, or point --db at the database)"
@@ -100,21 +102,21 @@ def _open_sqlite(path: str, *, read_only: bool = False) -> Store:
             )
         path = str(file)
     try:
-        return SQLiteStore(path, read_only=read_only)
+        return SQLiteStore(path, read_only=read_only, migrate=migrate)
     except sqlite3.Error as exc:
         raise StoreError(f"database {path}: cannot open SQLite file: {exc}") from None
     except OSError as exc:
         raise StoreError(f"database {path}: cannot open: {exc.strerror or exc}") from None
 
 
-def _open_postgres(url: str, *, read_only: bool = False) -> Store:
+def _open_postgres(url: str, *, read_only: bool = False, migrate: bool = True) -> Store:
     import psycopg
 
     from billing_cli.store.postgres import PostgresStore
 
     shown = redact_url(url)
     try:
-        return PostgresStore(url, shown, read_only=read_only)
+        return PostgresStore(url, shown, read_only=read_only, migrate=migrate)
     except psycopg.Error as exc:
         # psycopg messages can echo connection parameters; keep the first line only and
         # never the raw URL.

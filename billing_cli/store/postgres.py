@@ -196,7 +196,12 @@ class PostgresDialect(Dialect):
 class PostgresStore(SqlStore):
     """A PostgreSQL database selected by a ``postgresql://`` URL."""
 
-    def __init__(self, url: str, url_for_display: str, *, read_only: bool = False) -> None:
+    def __init__(
+        self, url: str, url_for_display: str, *, read_only: bool = False, migrate: bool = True
+    ) -> None:
         super().__init__(
-            PostgresDialect(url, read_only=read_only), url_for_display, read_only=read_only
+            PostgresDialect(url, read_only=read_only),
+            url_for_display,
+            read_only=read_only,
+            migrate=migrate,
         )

@@ -37,11 +37,14 @@ from billing_cli.store.schema import SCHEMA_VERSION, migrations
 class SqlStore(DryRunPart, ReadsPart, RunsPart, IntegrityPart):
     """The :class:`~billing_cli.store.base.Store` implementation for both back ends."""
 
-    def __init__(self, db: Dialect, url_for_display: str, *, read_only: bool = False) -> None:
+    def __init__(
+        self, db: Dialect, url_for_display: str, *, read_only: bool = False, migrate: bool = True
+    ) -> None:
         self._init_base(db, url_for_display, read_only=read_only)
         try:
-            if read_only:
-                # Readers never create, migrate or lock anything (DESIGN §8).
+            if read_only or not migrate:
+                # Readers never create, migrate or lock anything (DESIGN §8); nor does a
+                # dry run, which writes only inside transactions it rolls back.
                 with self._guard("read the schema version"):
                     self._check_schema()
             else:

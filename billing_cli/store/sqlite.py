@@ -250,8 +250,16 @@ class SQLiteStore(SqlStore):
     """The default store: one SQLite file."""
 
     def __init__(
-        self, path: str, url_for_display: str | None = None, *, read_only: bool = False
+        self,
+        path: str,
+        url_for_display: str | None = None,
+        *,
+        read_only: bool = False,
+        migrate: bool = True,
     ) -> None:
         super().__init__(
-            SQLiteDialect(path, read_only=read_only), url_for_display or path, read_only=read_only
+            SQLiteDialect(path, read_only=read_only),
+            url_for_display or path,
+            read_only=read_only,
+            migrate=migrate,
         )
