@@ -23,8 +23,8 @@ EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
     " source_id, run_id, detail, created_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
-# Rejection events carry a fingerprint: the same rejection delivered again (the overlap
-# of every pull) is not stored twice.
+# Rejection and conflict events carry a fingerprint: the same finding delivered again (the
+# overlap of every pull re-sends a bad or conflicting item every minute) is stored once.
 REJECTION_EVENT_SQL = (
     "INSERT INTO integrity_events (kind, node_id, env, uuid, inbound_tag, collected_at_ns,"
     " source_id, run_id, detail, created_at_ns, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
@@ -33,6 +33,18 @@ REJECTION_EVENT_SQL = (
 # At most this many rejection events per item (one per distinct reason); the rest of an
 # item's reasons are summed up in one more.
 MAX_REJECTION_EVENTS_PER_ITEM = 20
+
+
+def fingerprinted(row: Row) -> Row:
+    """An event row (``EVENT_SQL`` columns) with its fingerprint appended: a digest of
+    what it says (kind, series, ``collected_at``, detail), not of when or by which run, so
+    the same finding delivered again is stored once (``REJECTION_EVENT_SQL``)."""
+    kind, node, env, uuid, tag, at = row[:6]
+    detail = row[8]
+    digest = hashlib.blake2b(
+        orjson.dumps([kind, node, env, uuid, tag, at, detail]), digest_size=16
+    ).digest()
+    return (*row, digest)
 
 
 def rejection_events(
@@ -50,10 +62,9 @@ def rejection_events(
     rows: list[Row] = []
 
     def row(at: int | None, node: str, env: str, uuid: str, tag: str, detail: str) -> None:
-        digest = hashlib.blake2b(
-            orjson.dumps(["rejected", node, env, uuid, tag, at, detail]), digest_size=16
-        ).digest()
-        rows.append(("rejected", node, env, uuid, tag, at, source_id, run_id, detail, now, digest))
+        rows.append(
+            fingerprinted(("rejected", node, env, uuid, tag, at, source_id, run_id, detail, now))
+        )
 
     for (at, node, env, reason), members in groups.items():
         item = (at, node, env)

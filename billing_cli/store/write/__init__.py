@@ -26,7 +26,12 @@ from billing_cli.core.metering import diff_series, minute_of
 from billing_cli.core.types import Observation
 from billing_cli.store.base import ApplyReport, Batch
 from billing_cli.store.dialect import _LEDGER_COLS, Row
-from billing_cli.store.integrity import EVENT_SQL, REJECTION_EVENT_SQL, rejection_events
+from billing_cli.store.integrity import (
+    EVENT_SQL,
+    REJECTION_EVENT_SQL,
+    fingerprinted,
+    rejection_events,
+)
 from billing_cli.store.plumbing import gc_paused
 from billing_cli.store.write.buckets import BucketsPart, Change
 from billing_cli.store.write.grouping import GroupingPart, RawKey, group_by_series
@@ -75,7 +80,14 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, Rat
             )
 
         if events:
-            self.db.executemany(EVENT_SQL, events)
+            # A conflict is loud once: the item that carries it comes back with every
+            # overlap, and is counted in each run's report, but stored a single time.
+            conflicts = [fingerprinted(e) for e in events if e[0] == "conflict"]
+            others = [e for e in events if e[0] != "conflict"]
+            if others:
+                self.db.executemany(EVENT_SQL, others)
+            if conflicts:
+                self.db.executemany(REJECTION_EVENT_SQL, conflicts)
         if batch.rejections:
             self.db.executemany(
                 REJECTION_EVENT_SQL,
