@@ -80,8 +80,18 @@ class Dialect(ABC):
         bucket_start_ns)."""
 
     def insert_observations(self, rows: Sequence[Row]) -> None:
-        """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id)."""
+        """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id,
+        until_ns)."""
         self.bulk_insert("observations", _OBS_COLS, rows)
+
+    def close_runs(self, rows: Sequence[Row]) -> None:
+        """Rows: (until_ns, series_id): end each series' open run (its latest row) at
+        ``until_ns``. Before the rows that follow it are inserted."""
+        self.executemany(
+            "UPDATE observations SET until_ns = ? WHERE series_id = ? AND collected_at_ns ="
+            " (SELECT max(p.collected_at_ns) FROM observations p WHERE p.series_id = ?)",
+            [(u, sid, sid) for u, sid in rows],
+        )
 
     @abstractmethod
     def update_heads(self, rows: Sequence[Row]) -> None:
@@ -115,6 +125,7 @@ _OBS_COLS = (
     "counter_epoch",
     "run_id",
     "source_id",
+    "until_ns",
 )
 _BUCKET_COLS = (
     "series_id",

@@ -26,7 +26,7 @@ from billing_cli.store.sql import SqlStore
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
-    ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text"],
+    ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text", "int8"],
     ("buckets", _BUCKET_COLS): ["int8"] * 8,
     ("ledger_postings", _LEDGER_COLS): [
         "int8",
@@ -187,6 +187,16 @@ class PostgresDialect(Dialect):
             " FROM unnest(?::bigint[], ?::bigint[], ?::bigint[], ?::text[], ?::bigint[])"
             " AS v(t, up, down, ep, sid) WHERE s.series_id = v.sid",
             (t, up, down, ep, sid),
+        )
+
+    def close_runs(self, rows: Sequence[Row]) -> None:
+        u, sid = (list(c) for c in zip(*rows, strict=True))
+        self.execute(
+            "UPDATE observations o SET until_ns = v.u"
+            " FROM unnest(?::bigint[], ?::bigint[]) AS v(u, sid) WHERE o.series_id = v.sid"
+            " AND o.collected_at_ns = (SELECT max(p.collected_at_ns) FROM observations p"
+            " WHERE p.series_id = v.sid)",
+            (u, sid),
         )
 
     def close(self) -> None:
