@@ -335,3 +335,52 @@ def _fresh_cut(make: Any) -> Any:
         return s
 
     return fresh
+
+
+# --- migration ---------------------------------------------------------------------------
+
+
+def test_a_version_6_store_keeps_every_old_observation_exact(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old rows become runs of one observation and their items are recorded: the idle
+    observations an older release stored one by one still split a late item's delta into
+    the minutes a full store uses, and new idle samples cost no row."""
+    from test_store import _old_rows, _previous_release
+
+    s = _previous_release(db_url, 6, monkeypatch)
+    # "a" idle at 5 for three minutes; "b" absent at T0 + M.
+    _old_rows(
+        s,
+        [
+            (1, "n1", "prod", "a", "t", "a@x", T0 + 2 * M, 5, 0, None),
+            (2, "n1", "prod", "b", "t", "b@x", T0 + 2 * M, 1, 0, None),
+        ],
+        observations=[
+            (1, T0, 5, 0, None, 1, "s1"),
+            (1, T0 + M, 5, 0, None, 1, "s1"),
+            (1, T0 + 2 * M, 5, 0, None, 1, "s1"),
+            (2, T0, 1, 0, None, 1, "s1"),
+            (2, T0 + 2 * M, 1, 0, None, 1, "s1"),
+        ],
+    )
+    s.close()
+    s2 = cast(SqlStore, open_store(db_url))
+    try:
+        assert [
+            tuple(r)
+            for r in s2.db.execute(
+                "SELECT uuid, collected_at_ns FROM counter_observations ORDER BY 1, 2"
+            )
+        ] == [("a", T0), ("a", T0 + M), ("a", T0 + 2 * M), ("b", T0), ("b", T0 + 2 * M)]
+        # Late: "a" at 9 between T0 and T0 + M (bills 4 there, then 5 at the restart to 5
+        # in T0 + M's minute, as a full store would); "b" back at T0 + M with 1: nothing.
+        rep = apply(s2, item(T0 + 30 * 1_000_000_000, ("a", 9)), item(T0 + M, ("a", 5), ("b", 1)))
+        assert (rep.new_observations, rep.duplicates) == (2, 1)
+        got = sorted((r.uuid, r.bucket_start_ns, r.uplink_bytes) for r in s2.iter_usage(_all()))
+        assert got == [("a", T0, 4), ("a", T0 + M, 5)]
+        rows = rows_of(s2)
+        apply(s2, item(T0 + 3 * M, ("a", 5), ("b", 1)))
+        assert rows_of(s2) == rows  # idle in order: only the heads moved
+    finally:
+        s2.close()

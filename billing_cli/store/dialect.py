@@ -107,6 +107,11 @@ class Dialect(ABC):
         """Inside a transaction: shared by writers of postings, exclusive for a close
         (SQLite's BEGIN IMMEDIATE already serialises every writer)."""
 
+    def lock_nodes(self, nodes: Sequence[tuple[str, str]]) -> None:  # noqa: B027 - SQLite needs none
+        """Inside a transaction, in sorted order: one writer at a time per (node_id, env),
+        until commit. A run's extension reads the node's item times; an item of the same
+        node committed meanwhile without the series would be claimed by the run."""
+
     def lock_retention(self, *, exclusive: bool) -> None:  # noqa: B027 - SQLite needs none
         """Inside a transaction: shared by every apply (it meters against observations
         at or after the cut it reads), exclusive for raising the cut."""

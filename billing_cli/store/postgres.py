@@ -133,6 +133,16 @@ class PostgresDialect(Dialect):
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         self.execute(f"SELECT {fn}(hashtext('billing:periods'), hashtext(current_schema()))")
 
+    def lock_nodes(self, nodes: Sequence[tuple[str, str]]) -> None:
+        # Two-key advisory locks like lock_periods; a hash collision between two nodes
+        # only serialises their writers.
+        for node, env in nodes:
+            self.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('billing:node:' || ? || '/' || ?),"
+                " hashtext(current_schema()))",
+                (node, env),
+            )
+
     def lock_retention(self, *, exclusive: bool) -> None:
         # The same kind of lock as lock_periods, its own key: a compaction raising the cut
         # waits for the applies in flight (each read the old cut) and holds new ones until

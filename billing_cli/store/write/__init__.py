@@ -154,6 +154,7 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, IdlePart, Bucket
             times = {}
             for k, obs in per_key.items():
                 times.setdefault((k[0], k[1]), set()).update(o.collected_at_ns for o in obs)
+        self.db.lock_nodes(sorted(times))
         series = self._load_series(per_key, emails)
         heads: dict[tuple[NodeKey, int], None] = {}
         for s in series.values():
@@ -202,11 +203,24 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, IdlePart, Bucket
                 head_t = None if head is None else head.collected_at_ns
                 tail = head
                 open_new = -1  # this series' open row among obs_rows, if it is new
+                late_row = -1  # its latest late row in this page
+                late_tail: Observation | None = None
                 for o in d.inserted:
                     t = o[0]
                     if head_t is not None and t < head_t:
-                        # Late: a run of its own (the runs around it were split).
-                        obs_rows.append((sid, t, o[1], o[2], o[3], run_id, source_id, t))
+                        # Late: never inside a stored run (those were split); a run of
+                        # its own, or the extension of the previous late one (a backfill
+                        # of idle minutes costs one row, like in-order ones).
+                        if (
+                            late_tail is not None
+                            and o[1:] == late_tail[1:]
+                            and succ_all(node, late_tail[0]) == t
+                        ):
+                            obs_rows[late_row] = (*obs_rows[late_row][:7], t)
+                        else:
+                            late_row = len(obs_rows)
+                            obs_rows.append((sid, t, o[1], o[2], o[3], run_id, source_id, t))
+                        late_tail = o
                         continue
                     if tail is not None and o[1:] == tail[1:] and succ_all(node, tail[0]) == t:
                         tail = o  # idle: the open run extends to t, no row

@@ -242,6 +242,9 @@ class RetentionPart(StoreBase):
 
     def _compact_step(self, report: CompactReport) -> bool:
         """One transaction: the next series of the cycle; True once the cycle is done."""
+        # Exclusive for the step: an apply splitting a run (write/idle.py) must not read the
+        # anchor this step trims (PostgreSQL; SQLite serialises writers anyway).
+        self.db.lock_retention(exclusive=True)
         _, _, target, nxt = self._state()
         if nxt is None or target is None:
             return True  # another process finished this cycle meanwhile
