@@ -22,12 +22,14 @@ node between the head and it) only moves the head, which ``update_heads`` writes
   a run of its own.
 
 **Metering** sees the points: a late series' stored window is built from its runs as
-explicit observations — run starts and ends in the window's span, and for every new time
-its point there (a re-delivery is a duplicate, other totals a conflict) and its points just
-before and after (so a late sample splits the same delta into the same minutes). Points
-left out lie strictly inside one run between two points that are kept, so every pair they
-form has zero delta in both the stored and the merged window: the diff is the one over all
-points, never a whole long run expanded.
+explicit observations — for every new time its point there (a re-delivery is a duplicate,
+other totals a conflict) and the points just before and after it (so a late sample splits
+the same delta into the same minutes). That subset gives
+:func:`~billing_cli.core.metering.diff_series` the same result as all the points between:
+a new observation's neighbours are the same in both, the pair it breaks is consecutive in
+both, and every other pair of the subset is in both the stored and the merged window, so
+it cancels (anomalies included: they are new only when their pair is). A long run is
+never expanded, whatever the window's span.
 """
 
 from __future__ import annotations
@@ -237,8 +239,7 @@ def window_points(
     runs: list[Run], node: NodeKey, times: list[int], ctx: ItemTimes
 ) -> list[Observation]:
     """The points of ``runs`` that metering new observations at ``times`` needs: each
-    time's point and its neighbours, and every run boundary between the first
-    neighbour and the last (see the module docstring)."""
+    time's point and its neighbours (see the module docstring)."""
     starts = [r.start for r in runs]
     pts: dict[int, Observation] = {}
 
@@ -248,8 +249,6 @@ def window_points(
     def add(run: Run, t: int) -> None:
         pts[t] = _at(run, t)
 
-    lo_bound: int | None = None
-    hi_bound: int | None = None
     for t in times:
         k = containing(t)
         run = runs[k] if k >= 0 else None
@@ -278,14 +277,4 @@ def window_points(
         elif k + 1 < len(runs):
             succ = runs[k + 1].start
             add(runs[k + 1], succ)
-        lo = pred if pred is not None else t
-        hi = succ if succ is not None else t
-        lo_bound = lo if lo_bound is None else min(lo_bound, lo)
-        hi_bound = hi if hi_bound is None else max(hi_bound, hi)
-    if lo_bound is not None and hi_bound is not None:
-        for run in runs:
-            if lo_bound <= run.start <= hi_bound:
-                add(run, run.start)
-            if lo_bound <= run.end <= hi_bound:
-                add(run, run.end)
     return [pts[t] for t in sorted(pts)]
