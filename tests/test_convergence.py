@@ -253,7 +253,8 @@ def test_converges_with_included_quota_sqlite(fleet: Fleet, rnd: random.Random) 
 
 PG_URL = os.environ.get("BILLING_TEST_POSTGRES_URL")
 TABLES = (
-    "series, observations, buckets, uuid_period_usage, ledger_postings, source_checkpoints, runs,"
+    "series, observations, node_items, buckets, uuid_period_usage, ledger_postings,"
+    " source_checkpoints, runs,"
     " run_sources,"
     " integrity_events, item_digests"
 )

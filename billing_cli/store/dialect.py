@@ -80,8 +80,18 @@ class Dialect(ABC):
         bucket_start_ns)."""
 
     def insert_observations(self, rows: Sequence[Row]) -> None:
-        """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id)."""
+        """Rows: (series_id, collected_at_ns, uplink, downlink, epoch, run_id, source_id,
+        until_ns)."""
         self.bulk_insert("observations", _OBS_COLS, rows)
+
+    def close_runs(self, rows: Sequence[Row]) -> None:
+        """Rows: (until_ns, series_id): end each series' open run (its latest row) at
+        ``until_ns``. Before the rows that follow it are inserted."""
+        self.executemany(
+            "UPDATE observations SET until_ns = ? WHERE series_id = ? AND collected_at_ns ="
+            " (SELECT max(p.collected_at_ns) FROM observations p WHERE p.series_id = ?)",
+            [(u, sid, sid) for u, sid in rows],
+        )
 
     @abstractmethod
     def update_heads(self, rows: Sequence[Row]) -> None:
@@ -96,6 +106,11 @@ class Dialect(ABC):
     def lock_periods(self, *, exclusive: bool) -> None:  # noqa: B027 - SQLite needs none
         """Inside a transaction: shared by writers of postings, exclusive for a close
         (SQLite's BEGIN IMMEDIATE already serialises every writer)."""
+
+    def lock_nodes(self, nodes: Sequence[tuple[str, str]]) -> None:  # noqa: B027 - SQLite needs none
+        """Inside a transaction, in sorted order: one writer at a time per (node_id, env),
+        until commit. A run's extension reads the node's item times; an item of the same
+        node committed meanwhile without the series would be claimed by the run."""
 
     def lock_retention(self, *, exclusive: bool) -> None:  # noqa: B027 - SQLite needs none
         """Inside a transaction: shared by every apply (it meters against observations
@@ -115,6 +130,7 @@ _OBS_COLS = (
     "counter_epoch",
     "run_id",
     "source_id",
+    "until_ns",
 )
 _BUCKET_COLS = (
     "series_id",

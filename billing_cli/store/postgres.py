@@ -26,7 +26,7 @@ from billing_cli.store.sql import SqlStore
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
-    ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text"],
+    ("observations", _OBS_COLS): ["int8", "int8", "int8", "int8", "text", "int8", "text", "int8"],
     ("buckets", _BUCKET_COLS): ["int8"] * 8,
     ("ledger_postings", _LEDGER_COLS): [
         "int8",
@@ -133,6 +133,16 @@ class PostgresDialect(Dialect):
         fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         self.execute(f"SELECT {fn}(hashtext('billing:periods'), hashtext(current_schema()))")
 
+    def lock_nodes(self, nodes: Sequence[tuple[str, str]]) -> None:
+        # Two-key advisory locks like lock_periods; a hash collision between two nodes
+        # only serialises their writers.
+        for node, env in nodes:
+            self.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('billing:node:' || ? || '/' || ?),"
+                " hashtext(current_schema()))",
+                (node, env),
+            )
+
     def lock_retention(self, *, exclusive: bool) -> None:
         # The same kind of lock as lock_periods, its own key: a compaction raising the cut
         # waits for the applies in flight (each read the old cut) and holds new ones until
@@ -187,6 +197,16 @@ class PostgresDialect(Dialect):
             " FROM unnest(?::bigint[], ?::bigint[], ?::bigint[], ?::text[], ?::bigint[])"
             " AS v(t, up, down, ep, sid) WHERE s.series_id = v.sid",
             (t, up, down, ep, sid),
+        )
+
+    def close_runs(self, rows: Sequence[Row]) -> None:
+        u, sid = (list(c) for c in zip(*rows, strict=True))
+        self.execute(
+            "UPDATE observations o SET until_ns = v.u"
+            " FROM unnest(?::bigint[], ?::bigint[]) AS v(u, sid) WHERE o.series_id = v.sid"
+            " AND o.collected_at_ns = (SELECT max(p.collected_at_ns) FROM observations p"
+            " WHERE p.series_id = v.sid)",
+            (u, sid),
         )
 
     def close(self) -> None:

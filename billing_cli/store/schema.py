@@ -17,7 +17,9 @@ period (``period_start_ns``) and its byte differences, and adds ``closed_periods
 run (so a run whose process is gone shows as abandoned) and a fingerprint per
 rejection event (so the overlap re-delivering a bad item does not store its
 rejection again). Version 6 adds the retention state (how far compaction has gone) and
-the integrity event kind ``beyond_retention``.
+the integrity event kind ``beyond_retention``. Version 7 stores observations as runs of
+equal totals (``observations.until_ns``) and records the time of every applied item per
+node (``node_items``), so an idle sample costs no row (see ``write/runs.py``).
 
 Migrations are a list of steps; a step's version is its position in :data:`_STEPS` (so
 renumbering when branches merge is moving a line); ``schema_version`` records the applied
@@ -449,6 +451,56 @@ def _render_retention(dialect: Dialect) -> list[str]:
     return [*_split(_RETENTION_TABLE.format(**_TOKENS[dialect])), *_split(kinds)]
 
 
+# --- runs of equal totals (version 7) ----------------------------------------------------
+
+# An observations row is the start of a run: the series was present with these totals in
+# every item of its (node_id, env) whose collected_at lies in [collected_at_ns, end], end
+# being ``until_ns`` or, for the series' latest row (``until_ns`` NULL), the series head.
+# ``node_items`` holds the times of the applied items of each node, so the observations a
+# run stands for are known exactly. Existing rows become runs of one observation (the
+# latest of each series stays open: its end is the head, which it is).
+_RUNS_DDL = """
+ALTER TABLE observations ADD COLUMN until_ns {BIGINT};
+UPDATE observations SET until_ns = collected_at_ns WHERE collected_at_ns
+    < (SELECT s.head_collected_at_ns FROM series s WHERE s.series_id = observations.series_id);
+CREATE TABLE node_items (
+    node_id TEXT NOT NULL,
+    env TEXT NOT NULL,
+    collected_at_ns {BIGINT} NOT NULL,
+    PRIMARY KEY (node_id, env, collected_at_ns)
+){WR};
+INSERT INTO node_items (node_id, env, collected_at_ns)
+    SELECT DISTINCT s.node_id, s.env, o.collected_at_ns
+    FROM observations o JOIN series s ON s.series_id = o.series_id;
+DROP VIEW counter_observations;
+"""
+# One row per observation for downstream readers (DESIGN §6): each run's start, and every
+# later item of its node up to its end.
+_RUNS_VIEW = """
+CREATE VIEW counter_observations AS
+SELECT s.node_id, s.env, s.uuid, s.inbound_tag, {ts_obs} AS collected_at,
+       o.collected_at_ns, s.email, o.uplink_total, o.downlink_total, o.counter_epoch,
+       o.source_id, o.run_id
+FROM observations o JOIN series s ON s.series_id = o.series_id
+UNION ALL
+SELECT s.node_id, s.env, s.uuid, s.inbound_tag, {ts_item} AS collected_at,
+       i.collected_at_ns, s.email, o.uplink_total, o.downlink_total, o.counter_epoch,
+       o.source_id, o.run_id
+FROM observations o JOIN series s ON s.series_id = o.series_id
+JOIN node_items i ON i.node_id = s.node_id AND i.env = s.env
+ AND i.collected_at_ns > o.collected_at_ns
+ AND i.collected_at_ns <= COALESCE(o.until_ns, s.head_collected_at_ns)
+"""
+
+
+def _render_runs(dialect: Dialect) -> list[str]:
+    ts = _TS[dialect]
+    view = _RUNS_VIEW.format(
+        ts_obs=ts.format(c="o.collected_at_ns"), ts_item=ts.format(c="i.collected_at_ns")
+    )
+    return [*_split(_RUNS_DDL.format(**_TOKENS[dialect])), view.strip()]
+
+
 def _ddl(script: str) -> Callable[[Dialect], list[str]]:
     return lambda dialect: _split(script.format(**_TOKENS[dialect]))
 
@@ -461,6 +513,7 @@ _STEPS: list[Callable[[Dialect], list[str]]] = [
     _render_periods,
     _ddl(_RUN_PROCESS_AND_EVENT_FINGERPRINTS),
     _render_retention,
+    _render_runs,
 ]
 SCHEMA_VERSION = len(_STEPS)
 

@@ -6,9 +6,12 @@ A reader finds the whole algorithm here, in the order it runs (:meth:`WriteModel
    (``beyond_retention``); compaction lives there too.
 2. **grouping** (``grouping.py``): items already applied whole are recognised by their
    digest and skipped; the rest is grouped per series, column-wise.
-3. **observations** (``observations.py``): the touched series and their heads; exact
-   re-deliveries dropped; the stored windows of late series read in bulk; each series
-   metered through :func:`billing_cli.core.metering.diff_series`.
+3. **observations** (``observations.py``, ``idle.py``): the touched series and their
+   heads; the page's item times (a late one splits the runs that span it); exact
+   re-deliveries dropped; the stored windows of late series read in bulk as points of
+   their runs; each series metered through
+   :func:`billing_cli.core.metering.diff_series`; new observations become rows only
+   where a run of equal totals starts.
 4. **buckets** (``buckets.py``): new bucket values, read only where one can exist.
 5. **rating** (``rating.py``): changed buckets re-rated and posted to the append-only
    ledger in their accounting periods (quota tails included).
@@ -18,7 +21,6 @@ A reader finds the whole algorithm here, in the order it runs (:meth:`WriteModel
 
 from __future__ import annotations
 
-from itertools import repeat
 from typing import TYPE_CHECKING
 
 from billing_cli._time import now_ns
@@ -35,6 +37,7 @@ from billing_cli.store.integrity import (
 from billing_cli.store.plumbing import gc_paused
 from billing_cli.store.write.buckets import BucketsPart, Change
 from billing_cli.store.write.grouping import GroupingPart, RawKey, group_by_series
+from billing_cli.store.write.idle import IdlePart, NodeKey
 from billing_cli.store.write.observations import ObservationsPart
 from billing_cli.store.write.rating import RatingPart
 from billing_cli.store.write.retention import RetentionPart
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from billing_cli.store.dry_run import _DryPage
 
 
-class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, RatingPart):
+class WriteModel(RetentionPart, GroupingPart, ObservationsPart, IdlePart, BucketsPart, RatingPart):
     """``apply``: one batch, one transaction."""
 
     def apply(self, batch: Batch) -> ApplyReport:
@@ -65,7 +68,11 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, Rat
         report.samples = skipped + sum(len(it.samples) for it in items)
 
         if per_key:
-            self._apply_observations(batch, per_key, emails, report, events, now, capture)
+            times: dict[NodeKey, set[int]] = {}
+            for it in items:
+                if it.samples:
+                    times.setdefault((it.node_id, it.env), set()).add(it.collected_at_ns)
+            self._apply_observations(batch, per_key, emails, report, events, now, capture, times)
         if remember:
             # An item with a conflicting sample is not stored whole: never remembered.
             # (An event row is kind, node_id, env, uuid, inbound_tag, collected_at, ...)
@@ -140,22 +147,50 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, Rat
         events: list[Row],
         now: int,
         capture: _DryPage | None = None,
+        times: dict[NodeKey, set[int]] | None = None,
     ) -> None:
         run_id, source_id = batch.run_id, batch.source_id
+        if times is None:
+            times = {}
+            for k, obs in per_key.items():
+                times.setdefault((k[0], k[1]), set()).update(o.collected_at_ns for o in obs)
+        self.db.lock_nodes(sorted(times))
         series = self._load_series(per_key, emails)
+        heads: dict[tuple[NodeKey, int], None] = {}
+        for s in series.values():
+            if s.head is not None:
+                heads[((s.key[0], s.key[1]), s.head.collected_at_ns)] = None
+        # Item times first: a late item time splits the runs that span it before
+        # anything reads them (idle.py).
+        ctx = self._item_times(times, heads)
+        self._split_runs(ctx)
 
         # 2. Late series (an observation at or before the head) need their stored window,
         # unless every such observation is an exact re-delivery (the overlap of the
         # previous pull: the common case), which is dropped here as a duplicate.
-        dropped, late = self._drop_redelivered(per_key, series)
+        dropped, late = self._drop_redelivered(per_key, series, ctx)
         report.duplicates += dropped
-        windows = self._load_windows(late)
+        windows: dict[int, list[Observation]] = {}
+        if late:
+            by_sid = {s.series_id: (k, s) for k, s in series.items() if k in per_key}
+            late_heads: dict[int, Observation] = {}
+            late_nodes: dict[int, NodeKey] = {}
+            late_times: dict[int, list[int]] = {}
+            for sid, _, _ in late:
+                k, s = by_sid[sid]
+                assert s.head is not None
+                late_heads[sid] = s.head
+                late_nodes[sid] = (k[0], k[1])
+                late_times[sid] = [o.collected_at_ns for o in per_key[k]]
+            windows = self._stored_points(late, late_heads, late_nodes, late_times, ctx)
 
-        # 3. Meter each series.
+        # 3. Meter each series; new observations become rows only where a run starts.
         obs_rows: list[Row] = []
+        close_rows: list[Row] = []
         head_rows: list[Row] = []
         changes: list[Change] = []
         maybe_existing: list[Row] = []
+        succ_all = ctx.succ_all
         for raw, obs in per_key.items():
             sid, _, head, key = series[raw]
             window = windows.get(sid) if windows else None
@@ -164,15 +199,40 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, Rat
             d = diff_series(window, obs)
             report.duplicates += d.duplicates
             if d.inserted:
-                obs_rows.extend(
-                    zip(
-                        repeat(sid),
-                        *zip(*d.inserted, strict=True),
-                        repeat(run_id),
-                        repeat(source_id),
-                        strict=False,
-                    )
-                )
+                node = (raw[0], raw[1])
+                head_t = None if head is None else head.collected_at_ns
+                tail = head
+                open_new = -1  # this series' open row among obs_rows, if it is new
+                late_row = -1  # its latest late row in this page
+                late_tail: Observation | None = None
+                for o in d.inserted:
+                    t = o[0]
+                    if head_t is not None and t < head_t:
+                        # Late: never inside a stored run (those were split); a run of
+                        # its own, or the extension of the previous late one (a backfill
+                        # of idle minutes costs one row, like in-order ones).
+                        if (
+                            late_tail is not None
+                            and o[1:] == late_tail[1:]
+                            and succ_all(node, late_tail[0]) == t
+                        ):
+                            obs_rows[late_row] = (*obs_rows[late_row][:7], t)
+                        else:
+                            late_row = len(obs_rows)
+                            obs_rows.append((sid, t, o[1], o[2], o[3], run_id, source_id, t))
+                        late_tail = o
+                        continue
+                    if tail is not None and o[1:] == tail[1:] and succ_all(node, tail[0]) == t:
+                        tail = o  # idle: the open run extends to t, no row
+                        continue
+                    if tail is not None:
+                        if open_new < 0:
+                            close_rows.append((tail[0], sid))
+                        else:
+                            obs_rows[open_new] = (*obs_rows[open_new][:7], tail[0])
+                    open_new = len(obs_rows)
+                    obs_rows.append((sid, t, o[1], o[2], o[3], run_id, source_id, None))
+                    tail = o
             report.new_observations += len(d.inserted)
             if capture is not None and d.inserted:
                 capture.observations[raw] = d.inserted
@@ -207,7 +267,11 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, BucketsPart, Rat
         self._add_uuid_usage(batch.pricing, buckets)
         ledger_rows = self._ledger_rows(postings, batch.pricing, run_id, now)
 
-        # 6. One bulk write per table.
+        # 6. One bulk write per table (a series' open run is ended before the rows
+        # after it are inserted: it is found as the series' latest row).
+        self._record_items(ctx)
+        if close_rows:
+            self.db.close_runs(close_rows)
         if obs_rows:
             self.db.insert_observations(obs_rows)
         if head_rows:

@@ -2,8 +2,8 @@
 
 Hot path per page: one read of the series rows (heads) of every touched series; exact
 re-deliveries of stored observations (the previous pull's overlap) dropped by one
-exact-key read; one read of the stored windows of the genuinely late series only. Never
-a query per sample.
+exact-key read of the runs holding them (``idle.py``); one read of the stored windows of
+the genuinely late series only. Never a query per sample.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from billing_cli.core.types import Observation
 from billing_cli.store.dialect import KeyCol, Row
 from billing_cli.store.plumbing import StoreBase
 from billing_cli.store.write.grouping import SERIES_COLS, RawKey, Series, series_of
+from billing_cli.store.write.idle import ItemTimes
 
 _SCAN_MIN = 256  # keys of one (node_id, env) in a page before the series range scan pays
 
@@ -99,7 +100,10 @@ class ObservationsPart(StoreBase):
         return series
 
     def _drop_redelivered(
-        self, per_key: dict[RawKey, list[Observation]], series: dict[RawKey, Series]
+        self,
+        per_key: dict[RawKey, list[Observation]],
+        series: dict[RawKey, Series],
+        ctx: ItemTimes,
     ) -> tuple[int, list[Row]]:
         """Remove exact re-deliveries of stored observations from ``per_key``; return how
         many were removed and the late series left: ``(series_id, min t, max t)`` of each
@@ -143,14 +147,23 @@ class ObservationsPart(StoreBase):
             return 0, late
         stored: dict[tuple[int, int], Observation] = {}
         if wanted:
+            # The run starting at or before each time: the series was there at t when t is
+            # the run's start or end, or a stored item time of its node strictly inside.
             sql = (
-                "SELECT o.series_id, o.collected_at_ns, o.uplink_total, o.downlink_total,"
-                " o.counter_epoch FROM k JOIN observations o"
-                " ON o.series_id = k.sid AND o.collected_at_ns = k.t"
+                "SELECT k.sid, k.t, o.collected_at_ns, o.until_ns, o.uplink_total,"
+                " o.downlink_total, o.counter_epoch FROM k JOIN observations o"
+                " ON o.series_id = k.sid AND o.collected_at_ns = (SELECT max(p.collected_at_ns)"
+                " FROM observations p WHERE p.series_id = k.sid AND p.collected_at_ns <= k.t)"
             )
             cols: list[KeyCol] = [("sid", "bigint"), ("t", "bigint")]
+            heads = {s.series_id: s for s in series.values()}
             for r in self._keyset_query(sql, "k", cols, list(dict.fromkeys(wanted))):
-                stored[(int(r[0]), int(r[1]))] = Observation(int(r[1]), int(r[2]), int(r[3]), r[4])
+                sid, t, start = int(r[0]), int(r[1]), int(r[2])
+                srow = heads[sid]
+                assert srow.head is not None
+                end = srow.head.collected_at_ns if r[3] is None else int(r[3])
+                if t in (start, end) or (t < end and ctx.stored((srow.key[0], srow.key[1]), t)):
+                    stored[(sid, t)] = Observation(t, int(r[4]), int(r[5]), r[6])
         dropped = 0
         for key, head, n_early in candidates:
             head_t = head.collected_at_ns
@@ -172,23 +185,3 @@ class ObservationsPart(StoreBase):
                 continue
             late.append(late_row(sid, obs))
         return dropped, late
-
-    def _load_windows(self, late: list[Row]) -> dict[int, list[Observation]]:
-        """Stored observations of each late series from the predecessor of its earliest
-        new observation through the successor of its latest one, in one query."""
-        if not late:
-            return {}
-        sql = (
-            "SELECT o.series_id, o.collected_at_ns, o.uplink_total, o.downlink_total,"
-            " o.counter_epoch FROM w JOIN observations o ON o.series_id = w.sid"
-            " AND o.collected_at_ns >= COALESCE((SELECT max(p.collected_at_ns) FROM observations p"
-            "   WHERE p.series_id = w.sid AND p.collected_at_ns < w.lo), w.lo)"
-            " AND o.collected_at_ns <= COALESCE((SELECT min(p.collected_at_ns) FROM observations p"
-            "   WHERE p.series_id = w.sid AND p.collected_at_ns > w.hi), w.hi)"
-            " ORDER BY o.series_id, o.collected_at_ns"
-        )
-        out: dict[int, list[Observation]] = {}
-        cols: list[KeyCol] = [("sid", "bigint"), ("lo", "bigint"), ("hi", "bigint")]
-        for r in self._keyset_query(sql, "w", cols, late):
-            out.setdefault(int(r[0]), []).append(Observation(int(r[1]), int(r[2]), int(r[3]), r[4]))
-        return out

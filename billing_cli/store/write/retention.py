@@ -11,13 +11,15 @@ either a retained observation or each series' last observation before the cut, w
 compaction keeps — what a store that never compacted would use.
 
 **Compaction** removes the observations older than ``hour(now - retention)``, keeping per
-series its last observation before it (what the next delta needs), and prunes
-``item_digests`` with them. Buckets and the ledger are never compacted. A cycle first
-raises the cut (its own transaction, under the retention lock, so no apply that still
-meters against older data is in flight), then deletes in steps of a bounded number of
-series, each its own transaction: a kill between steps leaves a consistent store and the
-next call continues where the last step ended. ``billing collect`` starts a cycle at most
-once a day and spends a bounded time per run on it.
+series its last observation before it (what the next delta needs: the run that covers or
+precedes the cut, trimmed to start there), and prunes ``item_digests`` and ``node_items``
+with them (keeping each node's last item time before the cut). Buckets and the ledger
+are never compacted. A cycle first raises the cut (its own transaction, under the
+retention lock, so no apply that still meters against older data is in flight), then
+deletes in steps of a bounded number of series, each its own transaction: a kill between
+steps leaves a consistent store and the next call continues where the last step ended.
+``billing collect`` starts a cycle at most once a day and spends a bounded time per run
+on it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ _OLD_OBSERVATIONS = (
     " FROM observations AS o WHERE o.series_id >= ? AND o.series_id <= ?"
     " AND o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
     " FROM observations p WHERE p.series_id = o.series_id AND p.collected_at_ns < ?)"
+)
+# The anchor is a run (write/idle.py) that may start long before the cut: it is trimmed
+# to start at its last observation before the cut (its node's last item time before it,
+# or its end), which is the observation a store keeping every sample would keep. Items
+# before the cut are pruned except each node's last (the point just before the cut of
+# every run spanning it).
+_ANCHOR_END = (
+    "COALESCE(observations.until_ns, (SELECT s.head_collected_at_ns FROM series s"
+    " WHERE s.series_id = observations.series_id))"
+)
+_LAST_ITEM = (
+    "(SELECT max(i.collected_at_ns) FROM series s JOIN node_items i ON i.node_id = s.node_id"
+    " AND i.env = s.env WHERE s.series_id = observations.series_id AND i.collected_at_ns < ?)"
+)
+_TRIM_ANCHORS = (
+    "UPDATE observations SET collected_at_ns = CASE"
+    f" WHEN {_LAST_ITEM} IS NULL OR {_LAST_ITEM} <= collected_at_ns THEN collected_at_ns"
+    f" WHEN {_LAST_ITEM} >= {_ANCHOR_END} THEN {_ANCHOR_END}"
+    f" ELSE {_LAST_ITEM} END"
+    " WHERE series_id >= ? AND series_id <= ? AND collected_at_ns < ?"
+)
+_OLD_ITEMS = (
+    " FROM node_items WHERE collected_at_ns < ? AND collected_at_ns < (SELECT"
+    " max(p.collected_at_ns) FROM node_items p WHERE p.node_id = node_items.node_id"
+    " AND p.env = node_items.env AND p.collected_at_ns < ?)"
 )
 _ANCHORED_SERIES = (
     "SELECT count(*) FROM series s WHERE s.series_id >= ? AND s.series_id <= ? AND EXISTS"
@@ -215,6 +242,9 @@ class RetentionPart(StoreBase):
 
     def _compact_step(self, report: CompactReport) -> bool:
         """One transaction: the next series of the cycle; True once the cycle is done."""
+        # Exclusive for the step: an apply splitting a run (write/idle.py) must not read the
+        # anchor this step trims (PostgreSQL; SQLite serialises writers anyway).
+        self.db.lock_retention(exclusive=True)
         _, _, target, nxt = self._state()
         if nxt is None or target is None:
             return True  # another process finished this cycle meanwhile
@@ -229,6 +259,7 @@ class RetentionPart(StoreBase):
             report.item_digests_removed += self.db.execute_count(
                 "DELETE FROM item_digests WHERE collected_at_ns < ?", (target,)
             )
+            self.db.execute("DELETE" + _OLD_ITEMS, (target, target))
             self.db.execute("UPDATE retention_state SET cycle_next = NULL WHERE id = 1")
             return True
         lo, hi = ids[0], ids[-1]
@@ -236,6 +267,7 @@ class RetentionPart(StoreBase):
         report.observations_removed += self.db.execute_count(
             "DELETE" + _OLD_OBSERVATIONS, (lo, hi, target, target)
         )
+        self.db.execute(_TRIM_ANCHORS, (*[target] * 4, lo, hi, target))
         self.db.execute("UPDATE retention_state SET cycle_next = ? WHERE id = 1", (hi,))
         return False
 
