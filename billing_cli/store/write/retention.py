@@ -46,11 +46,17 @@ _STATE_SQL = (
     "SELECT cut_ns, cycle_started_at_ns, cycle_target_ns, cycle_next"
     " FROM retention_state WHERE id = 1"
 )
-# A series' observations before ``target``, except its last one before it (the anchor).
-_OLD_OBSERVATIONS = (
-    " FROM observations AS o WHERE o.series_id >= ? AND o.series_id <= ?"
-    " AND o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
+# THE rule of what compaction removes, the one place that says it: an observation ``o``
+# before ``target`` that is not its series' last one before it (the anchor). Parameters:
+# target, target. Every way of removing (the per-series DELETE steps, PostgreSQL's month
+# partitions, the dry run's count) applies this predicate and nothing else.
+REMOVABLE = (
+    "o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
     " FROM observations p WHERE p.series_id = o.series_id AND p.collected_at_ns < ?)"
+)
+# A series range's removable observations (parameters: lo, hi, target, target).
+_OLD_OBSERVATIONS = (
+    " FROM observations AS o WHERE o.series_id >= ? AND o.series_id <= ? AND " + REMOVABLE
 )
 _ANCHORED_SERIES = (
     "SELECT count(*) FROM series s WHERE s.series_id >= ? AND s.series_id <= ? AND EXISTS"
@@ -214,10 +220,13 @@ class RetentionPart(StoreBase):
         )
 
     def _compact_step(self, report: CompactReport) -> bool:
-        """One transaction: the next series of the cycle; True once the cycle is done."""
+        """One transaction: the next month partition wholly before the cut (PostgreSQL),
+        else the next series of the cycle; True once the cycle is done."""
         _, _, target, nxt = self._state()
         if nxt is None or target is None:
             return True  # another process finished this cycle meanwhile
+        if nxt == -(2**63) and self.db.partitioned and self._compact_partition(report, target):
+            return False
         ids = [
             int(r[0])
             for r in self.db.execute(
@@ -237,6 +246,43 @@ class RetentionPart(StoreBase):
             "DELETE" + _OLD_OBSERVATIONS, (lo, hi, target, target)
         )
         self.db.execute("UPDATE retention_state SET cycle_next = ? WHERE id = 1", (hi,))
+        return False
+
+    def _compact_partition(self, report: CompactReport, target: int) -> bool:
+        """Empty the first month partition of observations wholly before ``target`` that
+        holds a removable row, in one cheap operation: its kept rows (those REMOVABLE does
+        not match: each series' anchor) copied aside, the partition truncated (no dead
+        rows, no vacuum debt, no WAL per removed row), the kept rows put back. False when
+        no partition needs it (what remains are the series steps, for the month the cut
+        falls in and anchors an earlier cycle kept).
+
+        Under the retention lock (exclusive), like raising the cut: every apply takes it
+        (shared) before reading an observation, so none is in flight to wait for while
+        TRUNCATE holds the partition (ACCESS EXCLUSIVE) and none reads it from a snapshot
+        older than the truncation (TRUNCATE is not MVCC-safe for those)."""
+        self.db.lock_retention(exclusive=True)
+        for name, _, hi in self.db.month_partitions("observations"):
+            if hi is None or hi > target:
+                break  # in time order: the rest reach the cut
+            part = f'"{name}"'
+            needed = self.db.execute(
+                f"SELECT EXISTS (SELECT 1 FROM {part} AS o WHERE {REMOVABLE})", (target, target)
+            )[0][0]
+            if not needed:
+                continue
+            before = int(self.db.execute(f"SELECT count(*) FROM {part}")[0][0])
+            self.db.execute(
+                f"CREATE TEMPORARY TABLE billing_compact_kept (LIKE {part}) ON COMMIT DROP"
+            )
+            self.db.execute(
+                "INSERT INTO billing_compact_kept"
+                f" SELECT * FROM {part} AS o WHERE ({REMOVABLE}) IS NOT TRUE",
+                (target, target),
+            )
+            self.db.execute(f"TRUNCATE {part}")
+            kept = self.db.execute_count(f"INSERT INTO {part} SELECT * FROM billing_compact_kept")
+            report.observations_removed += before - kept
+            return True
         return False
 
     def _compact_dry(self, target: int, began: float) -> CompactReport:
