@@ -256,11 +256,14 @@ class RetentionPart(StoreBase):
         no partition needs it (what remains are the series steps, for the month the cut
         falls in and anchors an earlier cycle kept).
 
-        Under the retention lock (exclusive), like raising the cut: every apply takes it
-        (shared) before reading an observation, so none is in flight to wait for while
-        TRUNCATE holds the partition (ACCESS EXCLUSIVE) and none reads it from a snapshot
-        older than the truncation (TRUNCATE is not MVCC-safe for those)."""
-        self.db.lock_retention(exclusive=True)
+        Everything before the cut is frozen once the cut is raised (every apply refuses
+        items before it), and so is what REMOVABLE says about it: the kept rows are found
+        while applies go on. Only then is the retention lock taken (exclusive, as for
+        raising the cut): every apply takes it (shared) before it reads an observation, so
+        once it is held no apply is in flight, TRUNCATE (ACCESS EXCLUSIVE on the partition)
+        waits for none and none reads the partition from a snapshot older than the
+        truncation (TRUNCATE is not MVCC-safe for those). Applies wait only for the
+        truncation and the kept rows' insert, not for the scan."""
         for name, _, hi in self.db.month_partitions("observations"):
             if hi is None or hi > target:
                 break  # in time order: the rest reach the cut
@@ -270,7 +273,6 @@ class RetentionPart(StoreBase):
             )[0][0]
             if not needed:
                 continue
-            before = int(self.db.execute(f"SELECT count(*) FROM {part}")[0][0])
             self.db.execute(
                 f"CREATE TEMPORARY TABLE billing_compact_kept (LIKE {part}) ON COMMIT DROP"
             )
@@ -279,6 +281,8 @@ class RetentionPart(StoreBase):
                 f" SELECT * FROM {part} AS o WHERE ({REMOVABLE}) IS NOT TRUE",
                 (target, target),
             )
+            before = int(self.db.execute(f"SELECT count(*) FROM {part}")[0][0])
+            self.db.lock_retention(exclusive=True)
             self.db.execute(f"TRUNCATE {part}")
             kept = self.db.execute_count(f"INSERT INTO {part} SELECT * FROM billing_compact_kept")
             report.observations_removed += before - kept
