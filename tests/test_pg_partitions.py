@@ -10,6 +10,7 @@ anchor, and the ledger's partitions refuse UPDATE and DELETE like the ledger.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from billing_cli.core.types import Item, Sample
 from billing_cli.store import open_store, schema, sql
 from billing_cli.store.base import ApplyReport, Batch
 from billing_cli.store.sql import SqlStore
+from billing_cli.store.write import retention
 
 S = 1_000_000_000
 M = 60 * S
@@ -307,7 +309,12 @@ def _filenode(store: SqlStore, rel: str) -> int:
     return int(store.db.execute("SELECT pg_relation_filenode(?::regclass)", (rel,))[0][0])
 
 
-def test_compaction_empties_old_month_partitions_keeping_anchors(postgres_url: str) -> None:
+@pytest.mark.parametrize("form", ["set", "rule"])
+def test_compaction_empties_old_month_partitions_keeping_anchors(
+    postgres_url: str, form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if form == "rule":  # the fallback: the partition scanned with REMOVABLE itself
+        monkeypatch.setattr(retention, "KEPT_IN_PARTITION", None)
     with _schemas(postgres_url) as new:
         a = cast(SqlStore, open_store(postgres_url))
         b = cast(SqlStore, open_store(new()))  # the same deliveries, never compacted
@@ -386,3 +393,45 @@ def test_a_killed_partition_step_resumes(pg: SqlStore, monkeypatch: pytest.Monke
         (CUT,),
     )
     assert sorted(n for _, n in per_series) == [1, 1, 1]
+
+
+def test_the_set_form_of_the_rule_says_what_the_rule_says(pg: SqlStore) -> None:
+    """KEPT_IN_PARTITION (per series) selects exactly the rows of a month partition that
+    REMOVABLE (per row) does not match, for random histories and cuts."""
+    assert retention.KEPT_IN_PARTITION is not None
+    rnd = random.Random(12)
+    items = []
+    for _ in range(200):
+        t = T0 + rnd.randrange(0, 120 * D) // M * M + rnd.randrange(0, 3) * S
+        n = rnd.randrange(1, 4)
+        # Series appear, stop and come back at random; some have a single observation.
+        samples = [(f"u{u}", rnd.randrange(0, 10**6)) for u in rnd.sample(range(60), n)]
+        items.append(item(t, *samples))
+    items.sort(key=lambda it: it.collected_at_ns)
+    for i in range(0, len(items), 50):
+        apply(pg, items[i : i + 50])
+    parts = pg.db.month_partitions("observations")
+    assert len(parts) >= 4
+    checked = 0
+    for _ in range(12):
+        # Just after a month boundary too: the month before holds many anchors then.
+        target = T0 + rnd.randrange(30 * D, 125 * D)
+        if rnd.random() < 0.5:
+            target = rnd.choice([hi for _, _, hi in parts if hi is not None]) + rnd.randrange(D)
+        for name, _, hi in parts:
+            if hi is None or hi > target:
+                continue
+            part = f'"{name}"'
+            by_rule = rows_of(
+                pg,
+                f"SELECT * FROM {part} AS o WHERE ({retention.REMOVABLE}) IS NOT TRUE",
+                (target, target),
+            )
+            by_set = rows_of(pg, retention.kept_rows(part), retention.kept_params(target))
+            assert by_set == by_rule
+            checked += bool(by_rule)
+    assert checked >= 6
+
+
+def rows_of(store: SqlStore, q: str, params: tuple[int, ...]) -> list[tuple[Any, ...]]:
+    return sorted(map(tuple, store.db.execute(q, params)), key=repr)
