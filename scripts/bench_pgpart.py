@@ -18,8 +18,10 @@ Printed:
   partitions exist: the steady state), median and range, per layout;
 * compaction to the month boundary, which leaves the old month's rows removable but each
   series' anchor: BEFORE removes them by the per-series DELETE steps, AFTER empties the
-  month partition (TRUNCATE, anchors put back); wall time of ``compact()`` each, repeated
-  ``--rounds`` times on fresh copies of the data (median and range).
+  month partition (its kept rows found per series, TRUNCATE, kept rows put back); wall
+  time of ``compact()`` each, then of the ``VACUUM observations`` the removal leaves to do,
+  and the observations' size before and after; ``--rounds`` times on fresh data (median
+  and range).
 
     .venv/bin/python scripts/bench_pgpart.py --url postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python scripts/bench_pgpart.py --url ... --series 500 --rounds 1   # quick
@@ -124,6 +126,15 @@ def sizes(store: SqlStore) -> tuple[int, int]:
     return tables, whole
 
 
+def obs_size(store: SqlStore) -> int:
+    return int(
+        store.db.execute(
+            "SELECT sum(pg_total_relation_size(r)) FROM (SELECT relid AS r FROM"
+            " pg_partition_tree('observations') UNION SELECT 'observations'::regclass) p"
+        )[0][0]
+    )
+
+
 def med(xs: list[float]) -> str:
     return (
         f"median {statistics.median(xs):.4f} s (min {min(xs):.4f}, max {max(xs):.4f}, n={len(xs)})"
@@ -160,6 +171,9 @@ def main() -> int:
         f" 2026-11-01 + {args.minutes_after} after: {samples:,} samples per layout"
     )
     compact: dict[str, list[float]] = {"before": [], "after": []}
+    vacuum: dict[str, list[float]] = {"before": [], "after": []}
+    obs_bytes: dict[str, list[int]] = {"before": [], "after": []}
+    loaded: dict[str, list[int]] = {"before": [], "after": []}
     removed: dict[str, int] = {}
     for rnd in range(args.rounds):
         with schemas(args.url, 2) as (u_before, u_after):
@@ -171,6 +185,8 @@ def main() -> int:
                 assert not stores["before"].db.partitioned
                 assert stores["after"].db.partitioned
                 times = load(args, stores)
+                for name, s in stores.items():
+                    loaded[name].append(obs_size(s))
                 if rnd == 0:
                     print("\nbytes per sample (v6 unpartitioned -> v7 month partitions):")
                     for name, s in stores.items():
@@ -191,6 +207,12 @@ def main() -> int:
                     compact[name].append(time.perf_counter() - began)
                     assert rep.complete
                     removed[name] = rep.observations_removed
+                    # What the removal leaves to do: VACUUM of its dead rows (none after a
+                    # TRUNCATE), and the space the observations hold afterwards.
+                    began = time.perf_counter()
+                    s.db.execute("VACUUM observations")
+                    vacuum[name].append(time.perf_counter() - began)
+                    obs_bytes[name].append(obs_size(s))
             finally:
                 for s in stores.values():
                     s.close()
@@ -198,6 +220,12 @@ def main() -> int:
     print(f"\ncompaction to 2026-11-01 ({removed['after']:,} observations removed each):")
     print(f"  before (DELETE steps)        {med(compact['before'])}")
     print(f"  after  (partition emptied)   {med(compact['after'])}")
+    print("then VACUUM observations:")
+    print(f"  before                       {med(vacuum['before'])}")
+    print(f"  after                        {med(vacuum['after'])}")
+    print("observations (tables + indexes), loaded -> compacted and vacuumed (first round):")
+    for name in ("before", "after"):
+        print(f"  {name:6}  {loaded[name][0] / 1e6:.1f} MB -> {obs_bytes[name][0] / 1e6:.1f} MB")
     return 0
 
 
