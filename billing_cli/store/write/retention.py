@@ -48,8 +48,8 @@ _STATE_SQL = (
 )
 # THE rule of what compaction removes, the one place that says it: an observation ``o``
 # before ``target`` that is not its series' last one before it (the anchor). Parameters:
-# target, target. Every way of removing (the per-series DELETE steps, PostgreSQL's month
-# partitions, the dry run's count) applies this predicate and nothing else.
+# target, target. The per-series DELETE steps and the dry run's count apply it as is;
+# PostgreSQL's month partitions its set form just below (held equal to it by a test).
 REMOVABLE = (
     "o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
     " FROM observations p WHERE p.series_id = o.series_id AND p.collected_at_ns < ?)"
