@@ -9,7 +9,7 @@ names in its bulk writes and PostgreSQL's binary COPY types.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -119,6 +119,21 @@ class Dialect(ABC):
     @abstractmethod
     def execute_count(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run a statement; the number of rows it changed."""
+
+    # Whether observations, buckets and ledger postings are partitioned by month (set
+    # once the schema is known: PostgreSQL from schema version 8; SQLite never).
+    partitioned: bool = False
+
+    def ensure_partitions(self, instants: Iterable[int]) -> None:  # noqa: B027 - SQLite: one file
+        """Make sure the month partitions holding these instants (epoch ns) exist. Outside
+        a transaction they are created in one of their own, committed (and remembered, so
+        a month's partitions cost one catalog look-up per process); inside one (a dry run)
+        they go with it."""
+
+    def month_partitions(self, table: str) -> list[tuple[str, int | None, int | None]]:
+        """The month partitions of ``table``: (name, lower bound, upper bound), in time
+        order; None for an unbounded end. Empty when the table is not partitioned."""
+        return []
 
 
 # The hot tables' columns, in the order bulk writes give them.

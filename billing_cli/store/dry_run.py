@@ -80,6 +80,18 @@ class DryRunPart(WriteModel):
     def _apply_dry(self, batch: Batch, dry: _DryRun) -> ApplyReport:
         page = _DryPage(batch.pricing)
         with self._guard("apply a batch"), gc_paused(), self.db.rolled_back():
+            # As an apply does first (before any table is read): a compaction emptying a
+            # month partition waits for this page instead of deadlocking with it.
+            self.db.lock_retention(exclusive=False)
+            if self.db.partitioned:
+                # Created inside this rolled-back transaction: a dry run creates nothing.
+                self.db.ensure_partitions(
+                    o.collected_at_ns
+                    for earlier in dry.pages
+                    for obs in earlier.observations.values()
+                    for o in obs
+                )
+                self._ensure_partitions(batch)
             for earlier in dry.pages:
                 per_key = {k: list(v) for k, v in earlier.observations.items()}
                 replay = Batch(items=[], run_id=0, pricing=earlier.pricing)

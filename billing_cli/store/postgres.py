@@ -7,12 +7,14 @@ lookups are one statement with a handful of parameters, whatever its size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import psycopg
 
+from billing_cli.core.periods import next_period, period_of
 from billing_cli.store.dialect import (
     _ADD_UUID_USAGE,
     _BUCKET_COLS,
@@ -23,6 +25,10 @@ from billing_cli.store.dialect import (
     Row,
 )
 from billing_cli.store.sql import SqlStore
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# A range partition's bound as pg_get_expr prints it.
+_BOUND = re.compile(r"FOR VALUES FROM \('?(-?\d+|MINVALUE)'?\) TO \('?(-?\d+|MAXVALUE)'?\)")
 
 # Column types of the hot bulk inserts (binary COPY); other inserts use text COPY.
 _COPY_TYPES: dict[tuple[str, tuple[str, ...]], list[str]] = {
@@ -57,6 +63,8 @@ class PostgresDialect(Dialect):
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         self._sql: dict[str, str] = {}
+        # Month ranges [start, end) whose partitions are known to exist (this process).
+        self._months: list[tuple[int, int]] = []
         if read_only:
             # Readers never write (DESIGN §8): the server refuses it, whatever the code does.
             try:
@@ -208,6 +216,53 @@ class PostgresDialect(Dialect):
             " WHERE p.series_id = v.sid)",
             (u, sid),
         )
+
+    def ensure_partitions(self, instants: Iterable[int]) -> None:
+        if not self.partitioned:
+            return
+        months = self._months
+        missing: dict[int, int] = {}
+        for t in instants:
+            if any(lo <= t < hi for lo, hi in months):
+                continue  # the hot path: a page's months exist (a handful of ranges)
+            m = period_of(t)
+            if m not in missing:
+                missing[m] = max(_INT64_MIN, min(_INT64_MAX, t))
+        if not missing:
+            return
+        in_tx = self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        with nullcontext() if in_tx else self.conn.transaction():
+            # Creators of one schema queue here (two collectors reaching a new month at
+            # once): the second finds the partitions there. The lock is taken before
+            # any table lock of this transaction, and the creation's own (SHARE UPDATE
+            # EXCLUSIVE on the parents) does not conflict with applies in flight.
+            self.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('billing:partitions'),"
+                " hashtext(current_schema()))"
+            )
+            for t in missing.values():
+                self.execute("SELECT billing_ensure_month(?)", (t,))
+        if not in_tx:
+            # Only what is committed is remembered: a dry run's partitions are rolled back.
+            months.extend((m, next_period(m)) for m in missing)
+
+    def month_partitions(self, table: str) -> list[tuple[str, int | None, int | None]]:
+        if not self.partitioned:
+            return []
+        rows = self.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass(format('%I.%I', current_schema(), ?::text))",
+            (table,),
+        )
+        out: list[tuple[str, int | None, int | None]] = []
+        for name, bound in rows:
+            m = _BOUND.fullmatch(bound)
+            if m is None:
+                continue  # not a month partition of ours (an operator's DEFAULT, say)
+            lo, hi = (None if v == "MINVALUE" or v == "MAXVALUE" else int(v) for v in m.groups())
+            out.append((str(name), lo, hi))
+        return sorted(out, key=lambda p: -(2**64) if p[1] is None else p[1])
 
     def close(self) -> None:
         self.conn.close()

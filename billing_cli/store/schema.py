@@ -19,7 +19,9 @@ rejection event (so the overlap re-delivering a bad item does not store its
 rejection again). Version 6 adds the retention state (how far compaction has gone) and
 the integrity event kind ``beyond_retention``. Version 7 stores observations as runs of
 equal totals (``observations.until_ns``) and records the time of every applied item per
-node (``node_items``), so an idle sample costs no row (see ``write/runs.py``).
+node (``node_items``), so an idle sample costs no row (see ``write/idle.py``). Version 8
+partitions observations, buckets and ledger postings by calendar month on PostgreSQL
+(SQLite: no change).
 
 Migrations are a list of steps; a step's version is its position in :data:`_STEPS` (so
 renumbering when branches merge is moving a line); ``schema_version`` records the applied
@@ -501,6 +503,150 @@ def _render_runs(dialect: Dialect) -> list[str]:
     return [*_split(_RUNS_DDL.format(**_TOKENS[dialect])), view.strip()]
 
 
+# --- monthly partitions on PostgreSQL (version 8) ---------------------------------------
+
+# The tables partitioned by calendar month (UTC), and their partition key. The ledger is
+# partitioned by its bucket's minute, like the buckets: its natural key (bucket_start_ns,
+# series_id, revision) already holds it (so it stays the uniqueness rule, and becomes the
+# primary key), every read of postings by time or by period prunes on it (a period's own
+# buckets are a range of it; the corrections carried into a later period are found by the
+# partial index of each partition), and a posting lands in the month of the bucket it
+# rates, beside it. period_start_ns would have split a bucket's revisions over periods and
+# needed period_start_ns in the unique key (weakening it).
+PARTITIONED: tuple[tuple[str, str], ...] = (
+    ("observations", "collected_at_ns"),
+    ("buckets", "bucket_start_ns"),
+    ("ledger_postings", "bucket_start_ns"),
+)
+
+# billing_ensure_month(t): the three month partitions holding instant t (epoch ns), created
+# if missing; returns how many it created. Each partition is created detached and then
+# ATTACHed: ATTACH PARTITION takes SHARE UPDATE EXCLUSIVE on the parent, which concurrent
+# inserts and reads (ROW EXCLUSIVE, ACCESS SHARE) do not conflict with, where CREATE TABLE
+# ... PARTITION OF would take ACCESS EXCLUSIVE on the parent (waiting for every apply in
+# flight, and deadlock-prone across the three tables). The new table is empty, so
+# attaching validates nothing and builds its (empty) indexes; the parent's triggers (the
+# ledger's append-only one) are cloned onto it. No DEFAULT partition: a row outside every
+# partition fails its insert (and the page's transaction) loudly, where a default
+# partition would silently collect it and make every later ATTACH scan and lock it. The
+# months at the ends of the 64-bit nanosecond range are bounded by MINVALUE / MAXVALUE.
+_ENSURE_MONTH = """
+CREATE FUNCTION billing_ensure_month(at_ns bigint) RETURNS integer LANGUAGE plpgsql AS $f$
+DECLARE
+    m timestamp := date_trunc('month',
+        to_timestamp(floor(at_ns / 1000000000.0)) AT TIME ZONE 'UTC');
+    lo numeric := extract(epoch FROM m) * 1000000000;
+    hi numeric := extract(epoch FROM m + interval '1 month') * 1000000000;
+    lo_b text := CASE WHEN lo < -9223372036854775808 THEN 'MINVALUE' ELSE lo::bigint::text END;
+    hi_b text := CASE WHEN hi > 9223372036854775807 THEN 'MAXVALUE' ELSE hi::bigint::text END;
+    parent text;
+    part text;
+    made integer := 0;
+BEGIN
+    FOREACH parent IN ARRAY ARRAY['observations', 'buckets', 'ledger_postings'] LOOP
+        part := parent || '_p' || to_char(m, 'YYYYMM');
+        CONTINUE WHEN to_regclass(format('%I.%I', current_schema(), part)) IS NOT NULL;
+        EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+            part, parent);
+        EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%s) TO (%s)',
+            parent, part, lo_b, hi_b);
+        made := made + 1;
+    END LOOP;
+    RETURN made;
+END $f$
+"""
+
+# The migration: the views go (they name the tables), the old tables are renamed aside
+# with their indexes, the partitioned ones are created LIKE them (same columns in the same
+# order, constraints, defaults, the ledger's identity), the months that hold any row get
+# their partitions (one call per distinct day, the first row of that day standing for
+# it), rows are copied (entry ids kept, the identity continues after the largest), the old
+# tables dropped, the views, the carried-corrections index and the append-only trigger
+# re-created on the partitioned tables (cloned to every partition, present and future).
+_MIGRATION_MONTHS = """DO $m$ DECLARE r record; BEGIN
+    FOR r IN SELECT min(x) AS x FROM (
+        SELECT collected_at_ns AS x FROM observations_v6
+        UNION ALL SELECT bucket_start_ns FROM buckets_v6
+        UNION ALL SELECT bucket_start_ns FROM ledger_postings_v6) s
+        GROUP BY x / 86400000000000 - (x % 86400000000000 < 0)::int
+    LOOP PERFORM billing_ensure_month(r.x); END LOOP;
+END $m$"""
+_PARTITION_TABLES = """
+DROP VIEW counter_observations;
+DROP VIEW usage_minute_buckets;
+DROP VIEW billing_ledger;
+ALTER TABLE observations RENAME TO observations_v6;
+ALTER INDEX observations_pkey RENAME TO observations_v6_pkey;
+ALTER TABLE buckets RENAME TO buckets_v6;
+ALTER INDEX buckets_pkey RENAME TO buckets_v6_pkey;
+ALTER TABLE ledger_postings RENAME TO ledger_postings_v6;
+ALTER INDEX ledger_postings_pkey RENAME TO ledger_postings_v6_pkey;
+ALTER INDEX ledger_postings_bucket_start_ns_series_id_revision_key
+    RENAME TO ledger_postings_v6_key;
+ALTER INDEX ledger_postings_carried RENAME TO ledger_postings_v6_carried;
+CREATE TABLE observations (LIKE observations_v6 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+    PARTITION BY RANGE (collected_at_ns);
+ALTER TABLE observations ADD PRIMARY KEY (series_id, collected_at_ns);
+CREATE TABLE buckets (LIKE buckets_v6 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+    PARTITION BY RANGE (bucket_start_ns);
+ALTER TABLE buckets ADD PRIMARY KEY (series_id, bucket_start_ns);
+CREATE TABLE ledger_postings (LIKE ledger_postings_v6
+    INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING IDENTITY)
+    PARTITION BY RANGE (bucket_start_ns);
+ALTER TABLE ledger_postings ADD PRIMARY KEY (bucket_start_ns, series_id, revision);
+CREATE INDEX ledger_postings_carried ON ledger_postings (period_start_ns)
+    WHERE period_start_ns > bucket_start_ns;
+-- the months
+INSERT INTO observations SELECT * FROM observations_v6;
+INSERT INTO buckets SELECT * FROM buckets_v6;
+INSERT INTO ledger_postings SELECT * FROM ledger_postings_v6;
+SELECT setval(pg_get_serial_sequence('ledger_postings', 'entry_id'),
+    COALESCE((SELECT max(entry_id) FROM ledger_postings), 0) + 1, false);
+DROP TABLE observations_v6;
+DROP TABLE buckets_v6;
+DROP TABLE ledger_postings_v6;
+CREATE TRIGGER ledger_postings_append_only BEFORE UPDATE OR DELETE ON ledger_postings
+FOR EACH ROW EXECUTE FUNCTION ledger_postings_append_only();
+"""
+
+
+def _render_month_partitions(dialect: Dialect) -> list[str]:
+    """Version 8: observations, buckets and ledger postings partitioned by month on
+    PostgreSQL. SQLite keeps its one file: nothing changes there."""
+    if dialect == "sqlite":
+        return []
+    views = _split(_PERIODS_VIEW)[1]  # the current billing_ledger (its DROP is above)
+    ts = _TS[dialect]
+    v1_views = _split(
+        _V1_VIEWS.format(
+            ts_obs=ts.format(c="o.collected_at_ns"),
+            ts_bucket=ts.format(c="b.bucket_start_ns"),
+            ts_ledger=ts.format(c="l.bucket_start_ns"),
+            ts_created=ts.format(c="l.created_at_ns"),
+        )
+    )
+    # The current views: counter_observations as version 7 made it (runs expanded),
+    # usage_minute_buckets as version 1, billing_ledger as version 4.
+    runs_view = _RUNS_VIEW.format(
+        ts_obs=ts.format(c="o.collected_at_ns"), ts_item=ts.format(c="i.collected_at_ns")
+    ).strip()
+    ledger_view = views.format(
+        ts_ledger=ts.format(c="l.bucket_start_ns"),
+        ts_created=ts.format(c="l.created_at_ns"),
+        period=_PERIOD_TEXT[dialect].format(c="l.period_start_ns"),
+    )
+    before, after = _PARTITION_TABLES.split("-- the months\n")
+    return [
+        _ENSURE_MONTH.strip(),
+        *_split(before),
+        _MIGRATION_MONTHS,
+        *_split(after),
+        runs_view,
+        v1_views[1],
+        ledger_view,
+    ]
+
+
 def _ddl(script: str) -> Callable[[Dialect], list[str]]:
     return lambda dialect: _split(script.format(**_TOKENS[dialect]))
 
@@ -514,8 +660,11 @@ _STEPS: list[Callable[[Dialect], list[str]]] = [
     _ddl(_RUN_PROCESS_AND_EVENT_FINGERPRINTS),
     _render_retention,
     _render_runs,
+    _render_month_partitions,
 ]
 SCHEMA_VERSION = len(_STEPS)
+# The first version whose PostgreSQL tables are partitioned by month.
+PARTITIONED_VERSION = _STEPS.index(_render_month_partitions) + 1
 
 
 def migrations(dialect: Dialect) -> list[tuple[int, list[str]]]:

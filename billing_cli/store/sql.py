@@ -31,7 +31,7 @@ from billing_cli.store.dry_run import DryRunPart
 from billing_cli.store.integrity import IntegrityPart
 from billing_cli.store.reads import ReadsPart
 from billing_cli.store.runs import RunsPart
-from billing_cli.store.schema import SCHEMA_VERSION, migrations
+from billing_cli.store.schema import PARTITIONED_VERSION, SCHEMA_VERSION, migrations
 
 
 class SqlStore(DryRunPart, ReadsPart, RunsPart, IntegrityPart):
@@ -50,6 +50,8 @@ class SqlStore(DryRunPart, ReadsPart, RunsPart, IntegrityPart):
             else:
                 with self._guard("migrate the schema"):
                     self._migrate()
+            # Either way the schema is now at this billing's version.
+            db.partitioned = db.name == "postgres" and SCHEMA_VERSION >= PARTITIONED_VERSION
         except BaseException:
             # A refused open (schema too new, locked) must not leak its connection.
             db.close()

@@ -50,8 +50,24 @@ class WriteModel(RetentionPart, GroupingPart, ObservationsPart, IdlePart, Bucket
     """``apply``: one batch, one transaction."""
 
     def apply(self, batch: Batch) -> ApplyReport:
-        with self._guard("apply a batch"), gc_paused(), self.db.transaction():
-            return self._apply(batch)
+        with self._guard("apply a batch"), gc_paused():
+            # Before the page's transaction: a month's partitions are created (if missing)
+            # and committed on their own, so the page never holds its table locks while
+            # waiting for DDL (nor the DDL for it).
+            self._ensure_partitions(batch)
+            with self.db.transaction():
+                return self._apply(batch)
+
+    def _ensure_partitions(self, batch: Batch) -> None:
+        if not self.db.partitioned:
+            return
+        floor = None
+        if batch.retention_ns is not None:
+            # Items older than the policy's horizon are refused: they get no partitions.
+            floor = self._run_start(batch.run_id) - batch.retention_ns
+        self.db.ensure_partitions(
+            it.collected_at_ns for it in batch.items if floor is None or it.collected_at_ns >= floor
+        )
 
     def _apply(self, batch: Batch, capture: _DryPage | None = None) -> ApplyReport:
         now = now_ns()

@@ -48,10 +48,12 @@ _STATE_SQL = (
     "SELECT cut_ns, cycle_started_at_ns, cycle_target_ns, cycle_next"
     " FROM retention_state WHERE id = 1"
 )
-# A series' observations before ``target``, except its last one before it (the anchor).
-_OLD_OBSERVATIONS = (
-    " FROM observations AS o WHERE o.series_id >= ? AND o.series_id <= ?"
-    " AND o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
+# THE rule of what compaction removes, the one place that says it: an observation ``o``
+# before ``target`` that is not its series' last one before it (the anchor). Parameters:
+# target, target. The per-series DELETE steps and the dry run's count apply it as is;
+# PostgreSQL's month partitions its set form just below (held equal to it by a test).
+REMOVABLE = (
+    "o.collected_at_ns < ? AND o.collected_at_ns < (SELECT max(p.collected_at_ns)"
     " FROM observations p WHERE p.series_id = o.series_id AND p.collected_at_ns < ?)"
 )
 # The anchor is a run (write/idle.py) that may start long before the cut: it is trimmed
@@ -79,10 +81,38 @@ _OLD_ITEMS = (
     " max(p.collected_at_ns) FROM node_items p WHERE p.node_id = node_items.node_id"
     " AND p.env = node_items.env AND p.collected_at_ns < ?)"
 )
+# The same rule as a set, for one month partition {part} wholly before ``target``: its rows
+# REMOVABLE does not match (each series' anchor, when it is in that month), found with a
+# probe or two per series instead of evaluating REMOVABLE on every row of the month.
+# Parameters: target. It must say exactly what REMOVABLE says: tests/test_pg_partitions.py
+# checks the two against each other on random histories. A change of the rule without
+# such a form sets this to None: partitions are then scanned with REMOVABLE itself
+# (correct, as slow as the DELETE steps, still without their dead rows).
+KEPT_IN_PARTITION: str | None = (
+    "SELECT o.* FROM series s CROSS JOIN LATERAL (SELECT max(p.collected_at_ns) AS t"
+    " FROM observations p WHERE p.series_id = s.series_id AND p.collected_at_ns < ?) a"
+    " JOIN {part} o ON o.series_id = s.series_id AND o.collected_at_ns = a.t"
+)
+# A series range's removable observations (parameters: lo, hi, target, target).
+_OLD_OBSERVATIONS = (
+    " FROM observations AS o WHERE o.series_id >= ? AND o.series_id <= ? AND " + REMOVABLE
+)
 _ANCHORED_SERIES = (
     "SELECT count(*) FROM series s WHERE s.series_id >= ? AND s.series_id <= ? AND EXISTS"
     " (SELECT 1 FROM observations o WHERE o.series_id = s.series_id AND o.collected_at_ns < ?)"
 )
+
+
+def kept_rows(part: str) -> str:
+    """The query of the rows of month partition ``part`` (wholly before the target) that
+    compaction keeps; its parameters are :func:`kept_params`."""
+    if KEPT_IN_PARTITION is None:
+        return f"SELECT * FROM {part} AS o WHERE ({REMOVABLE}) IS NOT TRUE"
+    return KEPT_IN_PARTITION.format(part=part)
+
+
+def kept_params(target: int) -> tuple[int, ...]:
+    return (target,) if KEPT_IN_PARTITION is not None else (target, target)
 
 
 def chunk_floor(t: int, chunk: int = CHUNK_NS) -> int:
@@ -241,13 +271,17 @@ class RetentionPart(StoreBase):
         )
 
     def _compact_step(self, report: CompactReport) -> bool:
-        """One transaction: the next series of the cycle; True once the cycle is done."""
-        # Exclusive for the step: an apply splitting a run (write/idle.py) must not read the
-        # anchor this step trims (PostgreSQL; SQLite serialises writers anyway).
+        """One transaction: the next month partition wholly before the cut (PostgreSQL),
+        else the next series of the cycle; True once the cycle is done."""
+        # Exclusive for the whole step: an apply splitting a run (write/idle.py) rewrites
+        # the end of a run that starts before the cut, so neither the anchors this step
+        # trims nor the rows a partition's emptying copies aside are frozen under applies.
         self.db.lock_retention(exclusive=True)
         _, _, target, nxt = self._state()
         if nxt is None or target is None:
             return True  # another process finished this cycle meanwhile
+        if nxt == -(2**63) and self.db.partitioned and self._compact_partition(report, target):
+            return False
         ids = [
             int(r[0])
             for r in self.db.execute(
@@ -269,6 +303,43 @@ class RetentionPart(StoreBase):
         )
         self.db.execute(_TRIM_ANCHORS, (*[target] * 4, lo, hi, target))
         self.db.execute("UPDATE retention_state SET cycle_next = ? WHERE id = 1", (hi,))
+        return False
+
+    def _compact_partition(self, report: CompactReport, target: int) -> bool:
+        """Empty the first month partition of observations wholly before ``target`` that
+        holds a removable row, in one cheap operation: its kept rows (those REMOVABLE does
+        not match: each series' anchor) copied aside, the partition truncated (no dead
+        rows, no vacuum debt, no WAL per removed row), the kept rows put back. False when
+        no partition needs it (what remains are the series steps, for the month the cut
+        falls in and anchors an earlier cycle kept).
+
+        The caller holds the retention lock (exclusive): every apply takes it (shared)
+        before it reads an observation, so no apply is in flight, TRUNCATE (ACCESS
+        EXCLUSIVE on the partition) waits for none and none reads the partition from a
+        snapshot older than the truncation (TRUNCATE is not MVCC-safe for those). Rows
+        before the cut are not frozen under applies: a late item time after the cut splits
+        a run that starts before it, rewriting that row's end (write/idle.py), so the kept
+        rows are read under the lock too."""
+        for name, _, hi in self.db.month_partitions("observations"):
+            if hi is None or hi > target:
+                break  # in time order: the rest reach the cut
+            part = f'"{name}"'
+            needed = self.db.execute(
+                f"SELECT EXISTS (SELECT 1 FROM {part} AS o WHERE {REMOVABLE})", (target, target)
+            )[0][0]
+            if not needed:
+                continue
+            self.db.execute(
+                f"CREATE TEMPORARY TABLE billing_compact_kept (LIKE {part}) ON COMMIT DROP"
+            )
+            self.db.execute(
+                f"INSERT INTO billing_compact_kept {kept_rows(part)}", kept_params(target)
+            )
+            before = int(self.db.execute(f"SELECT count(*) FROM {part}")[0][0])
+            self.db.execute(f"TRUNCATE {part}")
+            kept = self.db.execute_count(f"INSERT INTO {part} SELECT * FROM billing_compact_kept")
+            report.observations_removed += before - kept
+            return True
         return False
 
     def _compact_dry(self, target: int, began: float) -> CompactReport:
