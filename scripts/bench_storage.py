@@ -391,6 +391,7 @@ def measure_days(backend: str, url: str, a: argparse.Namespace) -> dict[str, Any
     )
     print(hdr)
     per_day: list[dict[str, int | float]] = []
+    at_horizon: list[tuple[str, int, int]] = []
     previous = sizer.total()["bytes"]
     n = 0
     page: list[Any] = []
@@ -444,6 +445,8 @@ def measure_days(backend: str, url: str, a: argparse.Namespace) -> dict[str, Any
                 flush=True,
             )
             previous = size
+            if day == a.retention_days:
+                at_horizon = sizer.tables()
             day += 1
             removed = 0
             day_apply = 0.0
@@ -468,8 +471,21 @@ def measure_days(backend: str, url: str, a: argparse.Namespace) -> dict[str, Any
         + f"), peak RSS {rss_mb():.0f} MB; at the end:"
     )
     tables = print_tables(sizer, n)
+    growth: dict[str, list[float]] = {}
+    if at_horizon and len(sizes) > r:
+        # Which tables keep growing once the horizon is reached (the ledger and buckets
+        # are never compacted, DESIGN §6), which stop.
+        then = {t[0]: t[2] for t in at_horizon}
+        print(f"  mean daily growth by table, days 1-{r} and {r + 1}-{len(sizes)}:")
+        for name, _, size in tables:
+            b = then.get(name, 0) / r
+            g = (size - then.get(name, 0)) / (len(sizes) - r)
+            growth[name] = [round(b), round(g)]
+            if b or g:
+                print(f"  {name:<28} {b:>14,.0f} {g:>14,.0f}")
     return {
         "mode": "days",
+        "table_daily_growth": growth,
         "backend": backend,
         "days": per_day,
         "flattening_ratio": None if ratio is None else round(ratio, 4),
