@@ -77,7 +77,11 @@ TARGET_RSS_MB = 300
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--mode", choices=["size", "days", "both"], default="both")
-    p.add_argument("--db", default=None, help="SQLite file (default: a temporary file)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="new SQLite file, kept (default: temporary); the days one is X-days.db",
+    )
     p.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     p.add_argument("--pg", default=None, help="PostgreSQL URL (a fresh schema in it is used)")
     g = p.add_argument_group("size")
@@ -264,13 +268,23 @@ def rss_mb() -> float:
 # --- the two measurements (each in a child process) ------------------------------------------
 
 
-def open_target(backend: str, a: argparse.Namespace, tmp: str) -> tuple[str, str | None]:
+def sqlite_path(mode: str, db: str | None, tmp: str) -> str:
+    """The days measurement writes beside ``--db``: ``X.db`` -> ``X-days.db``."""
+    if db is None:
+        return os.path.join(tmp, f"bench-storage-{mode}.db")
+    if mode == "size":
+        return db
+    root, ext = os.path.splitext(db)
+    return f"{root}-days{ext}"
+
+
+def open_target(mode: str, backend: str, a: argparse.Namespace, tmp: str) -> tuple[str, str | None]:
     """The store URL and, for PostgreSQL, the fresh schema's name."""
     if backend == "sqlite":
-        path = a.db or os.path.join(tmp, "bench-storage.db")
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.unlink(path + suffix)
+        path = sqlite_path(mode, a.db, tmp)
+        # Never measure (or overwrite) an existing database.
+        if os.path.exists(path):
+            raise SystemExit(f"{path} exists: give --db a new file")
         return path, None
     import psycopg
 
@@ -502,7 +516,7 @@ def measure_days(backend: str, url: str, a: argparse.Namespace) -> dict[str, Any
 def child(a: argparse.Namespace) -> int:
     mode, backend = a.child
     with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
-        url, schema = open_target(backend, a, tmp)
+        url, schema = open_target(mode, backend, a, tmp)
         try:
             result = (measure_size if mode == "size" else measure_days)(backend, url, a)
         finally:
