@@ -133,6 +133,7 @@ class HostileExporter:
     def _connection(self, raw: socket.socket) -> None:
         with self._lock:
             self._conns.add(raw)
+        conn: ssl.SSLSocket | None = None
         try:
             raw.settimeout(10)
             conn = self._ctx.wrap_socket(raw, server_side=True)
@@ -147,10 +148,17 @@ class HostileExporter:
         except (OSError, ssl.SSLError, ValueError):
             pass
         finally:
+            # wrap_socket moves the descriptor to ``conn`` (``raw`` is left detached): it
+            # is ``conn`` that must be closed here, not only by stop(), which misses a
+            # connection whose handshake ends while it runs.
             with self._lock:
                 self._conns.discard(raw)
-            with contextlib.suppress(OSError):
-                raw.close()
+                if conn is not None:
+                    self._conns.discard(conn)
+            for sock in (conn, raw):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
 
     def _send(self, conn: socket.socket, reply: Reply) -> None:
         if reply.delay_s:

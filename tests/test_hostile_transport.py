@@ -36,6 +36,7 @@ from billing_cli._errors import (
     SourceError,
     TransportError,
 )
+from billing_cli.collect._deadline import DeadlineBackend
 from billing_cli.collect.transport import SourceClient, TransportConfig
 
 __all__ = ["hostile"]
@@ -104,6 +105,41 @@ def test_abort_ends_a_stuck_request_from_another_thread(hostile: HostileExporter
         out, elapsed = timed_get(client, within_s=8)
     assert isinstance(out, TransportError), out
     assert elapsed < 3.0
+
+
+@pytest.mark.parametrize("end", ["deadline", "abort"])
+def test_no_socket_stays_open_when_a_request_ends_between_connect_and_tls(
+    hostile: HostileExporter, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """The connection is made just as the time left runs out (a loaded machine), or as the
+    run is stopped: the TLS upgrade is refused before it starts, and the plain socket must
+    be closed then. httpcore closes a stream only when the upgrade itself fails; left to
+    the garbage collector, the socket is a ResourceWarning in whatever test runs next."""
+    opened: list[socket.socket] = []
+    real = DeadlineBackend.connect_tcp
+
+    def connect_at_the_end(self: DeadlineBackend, *args: Any, **kw: Any) -> Any:
+        stream = real(self, *args, **kw)
+        opened.append(stream.get_extra_info("socket"))
+        if end == "abort":
+            self.abort()
+        else:
+            assert self.deadline is not None
+            time.sleep(max(0.0, self.deadline - time.monotonic()) + 0.01)
+        return stream
+
+    monkeypatch.setattr(DeadlineBackend, "connect_tcp", connect_at_the_end)
+    try:
+        with SourceClient(config(hostile, timeout_s=0.5)) as client:
+            out, _ = timed_get(client, within_s=8)
+        assert isinstance(out, TransportError), out
+        if end == "deadline":
+            assert "timed out after 0.5s" in str(out)
+        assert len(opened) == 1
+        assert opened[0].fileno() == -1, f"left open: {opened[0]!r}"
+    finally:
+        for sock in opened:
+            sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -169,8 +169,16 @@ class DeadlineStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        t = self._backend.timeout(timeout, httpcore.ConnectTimeout)
-        return self._backend.track(self._inner.start_tls(ssl_context, server_hostname, t))
+        try:
+            t = self._backend.timeout(timeout, httpcore.ConnectTimeout)
+            return self._backend.track(self._inner.start_tls(ssl_context, server_hostname, t))
+        except BaseException:
+            # httpcore closes a stream whose upgrade fails only when the failure is the
+            # upgrade's own; a deadline that ran out (or an abort) since the connect fails
+            # here first, and the plain socket would be left open until garbage collection
+            # (a ResourceWarning in whatever runs then). Closing twice is harmless.
+            self._inner.close()
+            raise
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
