@@ -14,6 +14,7 @@ and SQLite and PostgreSQL must agree row for row.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -216,6 +217,63 @@ def _idle_december() -> list[Item]:
     """a idle from November 20 to December 20 (one item a day), then grows on January 5:
     December holds item times only (no observations row, bucket or posting)."""
     return [_item(NOV20 + k * D, ("a", 5)) for k in range(31)] + [_item(NOV20 + 46 * D, ("a", 9))]
+
+
+@pytest.mark.parametrize("then", ["compact", "late item"])
+def test_months_of_item_times_only_get_their_partitions_on_migration(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """A store at version 7 (runs) holds months that only item times reach: an idle month.
+    A later compaction trims the anchor into such a month, and a late item splits a run
+    there (the piece after it starts at the next stored item time): both write a row in
+    that month, so the migration must create its partitions like those of rows."""
+    from test_pg_partitions import _open_previous_version
+
+    items = _idle_december()
+    old = _open_previous_version(db_url, monkeypatch)
+    old.apply(Batch(items, 1, PRICING))
+    old.close()
+    with _schemas_pair(db_url) as other:
+        a, b = cast(SqlStore, open_store(db_url)), cast(SqlStore, open_store(other))
+        try:
+            b.apply(Batch(items, 1, PRICING))
+            assert view(a) == view(b)
+            a.compact_chunk_ns = M
+            if then == "compact":
+                # The cut on January 1: a's anchor is trimmed to its last point before,
+                # December 20.
+                rep = a.compact(now_ns=JAN1 + D, retention_ns=D)
+                assert rep.complete
+                assert [r[2] for r in view(a)] == [NOV20 + 30 * D, NOV20 + 46 * D]
+            else:
+                # November 30 23:00, without a: the run splits, its second piece starts
+                # on December 1 (the next item time).
+                late = [_item(DEC1 - H, ("z", 1))]
+                for s in (a, b):
+                    s.apply(Batch(late, 1, PRICING))
+                assert view(a) == view(b)
+            later = [_item(NOV20 + 47 * D, ("a", 12))]
+            for s in (a, b):
+                s.apply(Batch(later, 1, PRICING))
+            assert usage(a) == usage(b)
+            assert ledger_sums(a) == ledger_sums(b)
+        finally:
+            a.close()
+            b.close()
+
+
+def _schemas_pair(db_url: str) -> Any:
+    """One more empty store of the same back end (a context manager yielding its URL)."""
+    from contextlib import contextmanager
+
+    from test_retention import _schemas
+
+    @contextmanager
+    def one() -> Iterator[str]:
+        with _schemas(db_url) as new:
+            yield new()
+
+    return one()
 
 
 def _delta(
