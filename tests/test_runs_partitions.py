@@ -358,3 +358,143 @@ def test_a_version_6_store_with_idle_months_migrates_through_runs_and_partitions
     finally:
         a.close()
         ref.close()
+
+
+# --- concurrency: collectors applying while compaction steps run ---------------------------
+
+
+def _fleet_over_months(rnd: random.Random) -> dict[str, list[Item]]:
+    """Per node, an item every 6 hours for four months from November 20: mostly idle
+    series, some absent for a while, a restart now and then."""
+    out: dict[str, list[Item]] = {}
+    for node, uuids in {"n1": ["a", "b", "c"], "n2": ["a", "d"]}.items():
+        totals = dict.fromkeys(uuids, 0)
+        its = []
+        for k in range(480):
+            samples = []
+            for u in uuids:
+                r = rnd.random()
+                if r < 0.1:
+                    totals[u] += rnd.randint(1, 10**6)
+                elif r < 0.12:
+                    totals[u] = rnd.randint(0, 10)  # a restart (a drop without epoch)
+                if r < 0.9 or r > 0.97:  # absent now and then
+                    samples.append((u, totals[u]))
+            if samples:
+                its.append(_item(NOV20 + k * 6 * H + rnd.randint(0, 59) * S, *samples, node=node))
+        out[node] = its
+    return out
+
+
+def _late_order(items: list[Item], rnd: random.Random) -> list[Item]:
+    """In order, except that one item in five arrives up to 8 items late."""
+    order = [(i + (rnd.randint(1, 8) if rnd.random() < 0.2 else 0), i) for i in range(len(items))]
+    return [items[i] for _, i in sorted(order)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("seed", [7, 8])
+def test_collectors_and_compaction_steps_at_once(postgres_url: str, seed: int) -> None:
+    """Three collectors (two sources of one node, one of another) apply pages that reach
+    new months, split runs and extend idle ones, while compaction steps (one series each,
+    the month partitions emptied first) run between and among them, always to a cut
+    before every item still to come. No deadlock, no error; the result is the serial
+    result compacted to the same cut."""
+    import threading
+
+    from test_retention import _schemas
+
+    rnd = random.Random(seed)
+    fleet = _fleet_over_months(rnd)
+    n1 = fleet["n1"]
+    split = [it for it in n1 if rnd.random() < 0.5]
+    feeds = {
+        "s1": _late_order(split + rnd.sample(n1, 40), rnd),  # overlapping sources of n1
+        "s2": _late_order([it for it in n1 if it not in split], rnd),
+        "s3": _late_order(fleet["n2"], rnd),
+    }
+    feeds = {k: list({it.collected_at_ns: it for it in v}.values()) for k, v in feeds.items()}
+    pending = {k: [it.collected_at_ns for it in v] for k, v in feeds.items()}
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def collector(source: str) -> None:
+        s = cast(SqlStore, open_store(postgres_url))
+        try:
+            its = feeds[source]
+            for i in range(0, len(its), 6):
+                rep = s.apply(Batch(its[i : i + 6], 1, PRICING, source))
+                assert rep.beyond_retention == 0
+                pending[source] = pending[source][6:]
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    def dry_runner() -> None:
+        # Dry runs of pages months ahead (each creating, then rolling back, partitions
+        # inside its transaction, under the shared retention lock) among all of it.
+        s = cast(SqlStore, open_store(postgres_url))
+        try:
+            ahead = [it._replace(collected_at_ns=it.collected_at_ns + 200 * D) for it in n1]
+            while not done.is_set():
+                with s.dry_run():
+                    for i in range(0, 18, 6):
+                        s.apply(Batch(ahead[i : i + 6], 1, PRICING, "dry"))
+                ahead = ahead[18:] or ahead
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    def compactor() -> None:
+        s = cast(SqlStore, open_store(postgres_url))
+        s.compact_chunk_ns = M
+        try:
+            while not done.is_set():
+                waiting = [min(p) for p in pending.values() if p]
+                if not waiting:
+                    break
+                cut = min(waiting) - 3 * D  # eight items late at most: 2 days
+                s.compact(now_ns=cut + D, retention_ns=D, budget_s=0.0)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(retention, "COMPACT_SERIES_PER_STEP", 1)
+        threads = [threading.Thread(target=collector, args=(k,)) for k in feeds]
+        extra = [threading.Thread(target=f) for f in (dry_runner, compactor)]
+        for t in [*threads, *extra]:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        done.set()
+        for t in extra:
+            t.join(timeout=600)
+    assert not errors, errors
+    a = cast(SqlStore, open_store(postgres_url))
+    a.compact_chunk_ns = M
+    with _schemas(postgres_url) as new:
+        b = cast(SqlStore, open_store(new()))
+        try:
+            for k, its in feeds.items():
+                b.apply(Batch(sorted(its, key=lambda it: it.collected_at_ns), 1, PRICING, k))
+            assert a.compact(now_ns=cut_of(a) + D, retention_ns=D).complete
+            cut = cut_of(a)
+            assert cut > NOV20 + 60 * D  # compaction did go on while collectors ran
+            # The dry runs left nothing: no row, no partition beyond the fleet's months.
+            months = [p[0] for p in a.db.month_partitions("observations")]
+            assert months[-1] == "observations_p202703", months
+            assert usage(a) == usage(b)
+            assert ledger_sums(a) == ledger_sums(b)
+            full = view(b)
+            last_before: dict[tuple[str, str], tuple[Any, ...]] = {}
+            for r in full:
+                if r[2] < cut:
+                    last_before[(r[0], r[1])] = r
+            assert view(a) == sorted([*last_before.values(), *(r for r in full if r[2] >= cut)])
+        finally:
+            a.close()
+            b.close()
