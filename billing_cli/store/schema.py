@@ -558,16 +558,20 @@ END $f$
 
 # The migration: the views go (they name the tables), the old tables are renamed aside
 # with their indexes, the partitioned ones are created LIKE them (same columns in the same
-# order, constraints, defaults, the ledger's identity), the months that hold any row get
-# their partitions (one call per distinct day, the first row of that day standing for
-# it), rows are copied (entry ids kept, the identity continues after the largest), the old
+# order, constraints, defaults, the ledger's identity), the months that hold any row or
+# any item time get their partitions (one call per distinct day, the first instant of
+# that day standing for it; item times because a month of idle items holds no row yet
+# gets one later: compaction trims an anchor to start at an item time, a late item
+# splits a run at one, and neither goes through a page's partition creation), rows are
+# copied (entry ids kept, the identity continues after the largest), the old
 # tables dropped, the views, the carried-corrections index and the append-only trigger
 # re-created on the partitioned tables (cloned to every partition, present and future).
 _MIGRATION_MONTHS = """DO $m$ DECLARE r record; BEGIN
     FOR r IN SELECT min(x) AS x FROM (
         SELECT collected_at_ns AS x FROM observations_v6
         UNION ALL SELECT bucket_start_ns FROM buckets_v6
-        UNION ALL SELECT bucket_start_ns FROM ledger_postings_v6) s
+        UNION ALL SELECT bucket_start_ns FROM ledger_postings_v6
+        UNION ALL SELECT collected_at_ns FROM node_items) s
         GROUP BY x / 86400000000000 - (x % 86400000000000 < 0)::int
     LOOP PERFORM billing_ensure_month(r.x); END LOOP;
 END $m$"""
