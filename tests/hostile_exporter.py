@@ -94,6 +94,9 @@ class HostileExporter:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
+        # Set before the thread starts: a test that stops the server at once closes the
+        # listener before the thread's first line runs.
+        self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="hostile", daemon=True)
         self._thread.start()
@@ -122,7 +125,6 @@ class HostileExporter:
 
     # -- serving --
     def _serve(self) -> None:
-        self._listener.settimeout(0.2)
         while not self._stop.is_set():
             try:
                 conn, _ = self._listener.accept()
