@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_convergence import PRICING, _pg_maker, deliveries, ledger_sums, pg_schemas, usage
-from test_idle_runs import view
+from test_idle_runs import _fresh_cut, view
 
 from billing_cli.core.types import Item, Sample
 from billing_cli.store import open_store
-from billing_cli.store.base import Batch, Store
+from billing_cli.store.base import Batch
 from billing_cli.store.sql import SqlStore
 from billing_cli.store.write import retention
 
@@ -169,20 +169,6 @@ def scenario(items: list[Item], seed: int, make: Any) -> dict[str, Any]:
         b.close()
 
 
-def _fresh(make: Any) -> Any:
-    def fresh() -> Store:
-        s = cast(SqlStore, make())
-        with s.db.transaction():
-            s.db.execute(
-                "UPDATE retention_state SET cut_ns = ?, cycle_started_at_ns = NULL,"
-                " cycle_target_ns = NULL, cycle_next = NULL",
-                (-(2**63),),
-            )
-        return s
-
-    return fresh
-
-
 @settings(max_examples=150, deadline=None)
 @given(month_fleets(), st.integers(0, 2**32))
 def test_runs_across_months_with_compaction_sqlite(items: list[Item], seed: int) -> None:
@@ -200,7 +186,7 @@ def test_runs_across_months_with_compaction_postgres_equals_sqlite(
 ) -> None:
     if not items:
         return
-    on_pg = scenario(items, seed, _fresh(_pg_maker(list(pg_schemas))))
+    on_pg = scenario(items, seed, _fresh_cut(_pg_maker(list(pg_schemas))))
     on_sqlite = scenario(items, seed, lambda: open_store(":memory:"))
     assert on_pg == on_sqlite
 
