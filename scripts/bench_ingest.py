@@ -52,7 +52,8 @@ def _items(a: argparse.Namespace) -> Iterator[dict[str, Any]]:
     )
 
 
-def _to_item(d: dict[str, Any], full: list[Sample] | None) -> Item:
+def to_item(d: dict[str, Any], full: list[Sample] | None = None) -> Item:
+    """A ``make_snapshots`` snapshot as an ``Item`` (with ``full``: every series in it)."""
     samples = [
         Sample(
             s["uuid"],
@@ -84,10 +85,10 @@ def pages(a: argparse.Namespace) -> Iterator[list[Item]]:
     page: list[Item] = []
     count = 0
     for d in _items(a):
-        it = _to_item(d, full)
+        it = to_item(d, full)
         if full is not None and it.counter_epoch != getattr(pages, "_epoch", it.counter_epoch):
             full[:] = [s._replace(uplink_total=0, downlink_total=0) for s in full]
-            it = _to_item(d, full)
+            it = to_item(d, full)
         pages._epoch = it.counter_epoch  # type: ignore[attr-defined]
         page.append(it)
         count += len(it.samples)

@@ -127,9 +127,7 @@ def items(
 ) -> Iterator[Any]:
     """``make_snapshots``' fleet shape (every series in every item, v4 UUIDs) as ``Item``s."""
     import make_snapshots
-
-    from billing_cli._time import parse_rfc3339_ns
-    from billing_cli.core.types import Item, Sample
+    from bench_ingest import to_item
 
     n = 0
     for d in make_snapshots.generate(
@@ -145,20 +143,9 @@ def items(
     ):
         if limit is not None and n >= limit:
             return
-        samples = [
-            Sample(
-                s["uuid"],
-                s["email"],
-                s["inbound_tag"],
-                s["uplink_bytes_total"],
-                s["downlink_bytes_total"],
-            )
-            for s in d["samples"]
-        ]
-        n += len(samples)
-        yield Item(
-            parse_rfc3339_ns(d["collected_at"]), d["node_id"], d["env"], d["counter_epoch"], samples
-        )
+        it = to_item(d)
+        n += len(it.samples)
+        yield it
 
 
 # --- sizes -----------------------------------------------------------------------------------
