@@ -88,6 +88,12 @@ class ItemTimes:
         return best
 
 
+def holds_point(start: int, end: int, t: int, node: NodeKey, ctx: ItemTimes) -> bool:
+    """Whether the run ``[start, end]`` of a series of ``node`` stands for an observation
+    at ``t``: its start, its end, or a stored item time strictly inside it."""
+    return start <= t <= end and (t in (start, end) or ctx.stored(node, t))
+
+
 def _runs_of(rows: Iterable[Row], head_t: int | None) -> list[Run]:
     """Rows of one series (``RUN_COLS`` order from column 1, sorted by start) as runs."""
     out: list[Run] = []
@@ -253,28 +259,22 @@ def window_points(
         k = containing(t)
         run = runs[k] if k >= 0 else None
         # the point at t
-        if run is not None and t <= run.end and (t in (run.start, run.end) or ctx.stored(node, t)):
+        if run is not None and holds_point(run.start, run.end, t, node, ctx):
             add(run, t)
         # the point before t
-        pred: int | None = None
         if run is not None:
             if run.start < t:
                 if t <= run.end:
                     p = ctx.pred_stored(node, t)
-                    pred = run.start if p is None else max(run.start, p)
+                    add(run, run.start if p is None else max(run.start, p))
                 else:
-                    pred = run.end
-                add(run, pred)
+                    add(run, run.end)
             elif k >= 1:
-                pred = runs[k - 1].end
-                add(runs[k - 1], pred)
+                add(runs[k - 1], runs[k - 1].end)
         # the point after t
-        succ: int | None = None
         if run is not None and t < run.end:
             s = ctx.succ_stored(node, t)
-            succ = run.end if s is None else min(run.end, s)
-            add(run, succ)
+            add(run, run.end if s is None else min(run.end, s))
         elif k + 1 < len(runs):
-            succ = runs[k + 1].start
-            add(runs[k + 1], succ)
+            add(runs[k + 1], runs[k + 1].start)
     return [pts[t] for t in sorted(pts)]

@@ -14,7 +14,7 @@ from billing_cli.core.types import Observation
 from billing_cli.store.dialect import KeyCol, Row
 from billing_cli.store.plumbing import StoreBase
 from billing_cli.store.write.grouping import SERIES_COLS, RawKey, Series, series_of
-from billing_cli.store.write.idle import ItemTimes
+from billing_cli.store.write.idle import ItemTimes, holds_point
 
 _SCAN_MIN = 256  # keys of one (node_id, env) in a page before the series range scan pays
 
@@ -147,8 +147,7 @@ class ObservationsPart(StoreBase):
             return 0, late
         stored: dict[tuple[int, int], Observation] = {}
         if wanted:
-            # The run starting at or before each time: the series was there at t when t is
-            # the run's start or end, or a stored item time of its node strictly inside.
+            # The run starting at or before each time, and whether it holds a point there.
             sql = (
                 "SELECT k.sid, k.t, o.collected_at_ns, o.until_ns, o.uplink_total,"
                 " o.downlink_total, o.counter_epoch FROM k JOIN observations o"
@@ -162,7 +161,7 @@ class ObservationsPart(StoreBase):
                 srow = heads[sid]
                 assert srow.head is not None
                 end = srow.head.collected_at_ns if r[3] is None else int(r[3])
-                if t in (start, end) or (t < end and ctx.stored((srow.key[0], srow.key[1]), t)):
+                if holds_point(start, end, t, (srow.key[0], srow.key[1]), ctx):
                     stored[(sid, t)] = Observation(t, int(r[4]), int(r[5]), r[6])
         dropped = 0
         for key, head, n_early in candidates:
